@@ -92,3 +92,19 @@ def samples() -> Callable[..., list[dict[str, torch.Tensor]]]:
 def batches() -> Callable[..., list[dict[str, torch.Tensor]]]:
     """Factory: ``batches(samples, batch_size, side="right")`` -> padded batches."""
     return collate
+
+
+def build_tiny_tokenizer():
+    """A word-level tokenizer over ``VOCAB`` ids ("<pad>"=0, "<s>"=1, "</s>"=2, then "t3".."t95")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return build_tiny_tokenizer()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -31,6 +32,9 @@ from tlora.targets import get_module
 
 SIDECAR = "tlora.json"
 
+Init = Literal["spectrum", "lora", "pissa"]
+"""How A (and B) start: TLoRA's spectral A with B = 0; PEFT's default (Kaiming A, B = 0); PEFT's PiSSA."""
+
 
 class AdapterInfo(BaseModel):
     """What stock PEFT does not record: that A is frozen, and the allocation it was built from."""
@@ -38,7 +42,7 @@ class AdapterInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     freeze_a: bool
-    init: str
+    init: Init
     allocation: Allocation
 
 
@@ -47,22 +51,32 @@ def init_adapters(
     spectrum: Spectrum | None,
     allocation: Allocation,
     *,
-    freeze_a: bool = True,
+    init: Init = "spectrum",
+    freeze_a: bool | None = None,
     dropout: float = 0.0,
     adapter_name: str = "default",
 ) -> PeftModel:
-    """Wrap ``model`` in a PEFT LoRA adapter shaped by ``allocation`` and initialised from ``spectrum``.
+    """Wrap ``model`` in a PEFT LoRA adapter shaped by ``allocation`` and initialised by ``init``.
+
+    The baselines and ablations are this call too: ``lora`` is ``init="lora"`` with a uniform
+    allocation, "+RA"/"+SA" are ``init="lora"`` with rank/scale allocation on, and ``pissa`` is
+    ``init="pissa"`` (PEFT's PiSSA, which also rewrites W0 into its residual).
 
     Args:
-        spectrum: A is its top-``r_i`` vectors; ``None`` keeps PEFT's default (Kaiming) A, for baselines
-            and the "init off" ablation.
+        spectrum: required for ``init="spectrum"``: A is its top-``r_i`` vectors of each module.
         allocation: per-module rank and scaling; modules of rank 0 get no adapter.
-        freeze_a: make A a buffer (TLoRA). ``False`` trains A and B as plain LoRA.
+        freeze_a: make A a buffer, so only B trains; defaults to ``True`` for ``spectrum`` only.
 
     Raises:
         ValueError: no module keeps a positive rank; a module is missing from the model or the spectrum;
             a rank exceeds the vectors the spectrum holds (recompute it with a larger ``r_max``).
     """
+    if freeze_a is None:
+        freeze_a = init == "spectrum"
+    if init == "spectrum" and spectrum is None:
+        raise ValueError('init="spectrum" needs a spectrum (tlora.compute_spectrum)')
+    if init != "spectrum":
+        spectrum = None
     kept = {name: m for name, m in allocation.modules.items() if m.rank > 0}
     if not kept:
         raise ValueError("the allocation gives every module rank 0: raise the budget")
@@ -75,7 +89,8 @@ def init_adapters(
             if m.rank > have:
                 raise ValueError(f"module {name!r} is allocated rank {m.rank} but the spectrum holds {have} "
                                  f"vectors (r_max={spectrum.r_max}); recompute the spectrum with r_max >= {m.rank}")
-    config = lora_config(allocation, dropout=dropout, fan_in_fan_out=_any_conv1d(model, kept))
+    config = lora_config(allocation, dropout=dropout, fan_in_fan_out=_any_conv1d(model, kept),
+                         init_lora_weights="pissa" if init == "pissa" else True)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     for name, m in kept.items():
         layer = _lora_layer(peft_model, name)
@@ -83,13 +98,15 @@ def init_adapters(
             a = layer.lora_A[adapter_name].weight  # [r_i, d_in]
             if spectrum is not None:
                 a.copy_(spectrum.vectors[name][: m.rank].to(a.dtype))
-            layer.lora_B[adapter_name].weight.zero_()  # B = 0: step-0 output equals the base model's
+                layer.lora_B[adapter_name].weight.zero_()  # B = 0: step-0 output equals the base model's
         if freeze_a:
             _freeze(layer.lora_A[adapter_name])
     return peft_model
 
 
-def lora_config(allocation: Allocation, *, dropout: float = 0.0, fan_in_fan_out: bool = False) -> LoraConfig:
+def lora_config(
+    allocation: Allocation, *, dropout: float = 0.0, fan_in_fan_out: bool = False, init_lora_weights: bool | str = True
+) -> LoraConfig:
     """A ``LoraConfig`` carrying the allocation as anchored ``rank_pattern`` / ``alpha_pattern``."""
     kept = {name: m for name, m in allocation.modules.items() if m.rank > 0}
     return LoraConfig(
@@ -100,6 +117,7 @@ def lora_config(allocation: Allocation, *, dropout: float = 0.0, fan_in_fan_out:
         alpha_pattern={_anchor(name): m.scaling * m.rank for name, m in kept.items()},
         lora_dropout=dropout,
         fan_in_fan_out=fan_in_fan_out,
+        init_lora_weights=init_lora_weights,
         bias="none",
     )
 

@@ -130,4 +130,23 @@ def test_all_zero_ranks_is_a_clear_error(tiny_model):
     base = tiny_model("llama")
     targets = find_targets(base, ["q_proj"])
     with pytest.raises(ValueError, match="rank 0"):
-        init_adapters(base, None, _allocation(targets, ranks=[0]))
+        init_adapters(base, None, _allocation(targets, ranks=[0]), init="lora")
+
+
+def test_spectrum_init_needs_a_spectrum(tiny_model):
+    base = tiny_model("llama")
+    with pytest.raises(ValueError, match="needs a spectrum"):
+        init_adapters(base, None, _allocation(find_targets(base, ["q_proj"]), ranks=[2]))
+
+
+@pytest.mark.parametrize("init", ["lora", "pissa"])
+def test_baseline_inits_train_a_and_b(tiny_model, init):
+    base = tiny_model("llama", seed=1)
+    targets = find_targets(base, "all-linear")
+    peft_model = init_adapters(base, None, _allocation(targets, ranks=[2, 3]), init=init)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    ids = _ids()
+    with torch.no_grad():  # both inits preserve the base output at step 0 (PiSSA through its residual W)
+        torch.testing.assert_close(peft_model(input_ids=ids).logits,
+                                   tiny_model("llama", seed=1)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
