@@ -1,13 +1,42 @@
-"""Spectral init of A: top right singular vectors of W0·C per module (DESIGN §1.3).
+"""Spectral init of A: the top right singular vectors of M = W0·C per target module (DESIGN §1.3).
 
-(Types only so far; the solver lands with the spectrum work.)
+For each module, W0 ``[d_out, d_in]`` (GPT-2 ``Conv1D`` transposed) and C ``[d_in, d_in]`` its group's
+activation covariance, both float64:
+
+    M = W0·C = U·Σ·Vᴴ        A_r = Vᴴ[:r]   (orthonormal rows, no singular-value scaling)
+
+The top ``r_max`` rows are computed once and sliced per budget, so every prefix of them must be right.
+Solvers: ``exact`` is ``torch.linalg.svd`` (the oracle); ``gram`` takes the eigenvectors of the smaller
+Gram matrix (MᵀM, or MMᵀ when d_out < d_in, then V = MᵀU/σ). Squaring M squares its condition, so
+``auto`` keeps the gram result only where a Davis–Kahan bound puts every prefix subspace within
+``GRAM_TOLERANCE`` of the exact one, and falls back to ``exact`` per module elsewhere.
+Invariant (tested): rows orthonormal, and the span of every prefix equals the exact SVD's within tolerance.
+Each vector's sign is fixed (largest-magnitude entry positive), so results are reproducible.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
+import zarr
+from torch import nn
+
+from tlora.covariance import Covariance
+from tlora.models import model_fingerprint
+from tlora.targets import get_module, weight_out_in
+
+log = logging.getLogger(__name__)
+
+Solver = Literal["auto", "exact", "gram"]
+GRAM_TOLERANCE = 1e-6
+"""Largest estimated principal-angle error (sin θ) for which ``auto`` keeps the gram solution."""
+_EPS = torch.finfo(torch.float64).eps
 
 
 @dataclass(frozen=True)
@@ -19,3 +48,159 @@ class Spectrum:
     r_max: int
     solver: dict[str, str] = field(default_factory=dict)  # module -> "exact" | "gram"
     model_fingerprint: str | None = None
+
+
+def compute_spectrum(
+    model: nn.Module,
+    covariance: Covariance,
+    r_max: int,
+    *,
+    modules: Sequence[str] | None = None,
+    solver: Solver = "auto",
+    check_fingerprint: bool = True,
+) -> Spectrum:
+    """Compute the top ``min(r_max, d_in, d_out)`` right singular vectors of ``W0·C`` for each module.
+
+    Args:
+        modules: the modules to compute (default: every module of the covariance).
+        solver: ``exact``, ``gram``, or ``auto`` (gram where its error bound allows, else exact).
+        check_fingerprint: refuse a covariance recorded for another model.
+
+    Returns:
+        Float64 vectors and values on CPU, the solver each module used, and the model's fingerprint.
+
+    Raises:
+        ValueError (before any compute): ``r_max < 1``; a covariance from another model; a module missing
+        from the covariance or the model; a covariance whose shape does not match the module's d_in.
+    """
+    if r_max < 1:
+        raise ValueError(f"r_max must be >= 1, got {r_max}")
+    fingerprint = model_fingerprint(model)
+    if check_fingerprint and covariance.model_fingerprint not in (None, fingerprint):
+        raise ValueError(f"covariance was collected on another model: its fingerprint is "
+                         f"{covariance.model_fingerprint}, this model's is {fingerprint} "
+                         "(pass check_fingerprint=False to use it anyway)")
+    names = list(covariance.modules) if modules is None else list(modules)
+    weights = {}
+    for name in names:
+        if name not in covariance.modules:
+            raise ValueError(f"module {name!r} is not in the covariance (it covers {len(covariance.modules)} "
+                             f"modules, e.g. {list(covariance.modules)[:3]})")
+        weight = weight_out_in(get_module(model, name))
+        c_shape = tuple(covariance.sums[covariance.modules[name]].shape)
+        if weight.dim() != 2 or c_shape != (weight.shape[1], weight.shape[1]):
+            raise ValueError(f"module {name!r}: weight [d_out, d_in] = {tuple(weight.shape)} needs a "
+                             f"[{weight.shape[-1]}, {weight.shape[-1]}] covariance, got {list(c_shape)}")
+        weights[name] = weight
+    vectors, values, used = {}, {}, {}
+    cache: dict[str, torch.Tensor] = {}  # group -> C on the weight's device, shared by q/k/v
+    for name, weight in weights.items():
+        group = covariance.modules[name]
+        if group not in cache:
+            cache = {group: covariance.matrix(name).to(weight.device)}
+        m = weight.detach().to(torch.float64) @ cache[group]  # [d_out, d_in]
+        r = min(r_max, *m.shape)
+        v, s, used[name] = _top_right_singular(m, r, solver)
+        vectors[name], values[name] = _fix_signs(v).cpu(), s.cpu()
+    n_exact = sum(u == "exact" for u in used.values())
+    log.info("spectrum of %d modules (r_max=%d): %d gram, %d exact", len(used), r_max, len(used) - n_exact, n_exact)
+    return Spectrum(vectors=vectors, values=values, r_max=r_max, solver=used, model_fingerprint=fingerprint)
+
+
+def gram_error_bound(sigma: torch.Tensor, r: int, d_in: int, d_out: int) -> float:
+    """Estimated largest sin θ between the gram and exact spans of the top-k vectors, over k = 1..r.
+
+    ``sigma`` holds M's singular values as the gram solver sees them (descending, all of the Gram's
+    dimension). Forming the Gram and eigh perturb it by about ``eps·(d_in + d_out)·σ₁²``; Davis–Kahan turns
+    that into ``sin θ_k ≲ eps·(d_in + d_out)·σ₁² / (σ_k² − σ_{k+1}²)``, with σ beyond rank M equal to 0.
+    """
+    lam = sigma.to(torch.float64).square()
+    if r >= d_in:  # the top-d_in right singular space is all of R^d_in: nothing to get wrong
+        r = d_in - 1
+    if r < 1:
+        return 0.0
+    nxt = torch.cat([lam[1:], lam.new_zeros(1)])
+    gaps = (lam - nxt)[:r]
+    if lam[0] <= 0 or bool((gaps <= 0).any()):
+        return float("inf")
+    return float(_EPS * (d_in + d_out) * lam[0] / gaps.min())
+
+
+def save_spectrum(path: str | Path, spectrum: Spectrum) -> None:
+    """Write ``spectrum`` as a Zarr v3 group: ``<module>/vectors`` and ``<module>/values`` per module.
+
+    ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
+    """
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs["complete"] = False
+    for name, vec in spectrum.vectors.items():
+        node = root.create_group(name)
+        node.create_array(name="vectors", shape=tuple(vec.shape), dtype="float64", chunks=tuple(vec.shape))
+        node["vectors"][...] = vec.numpy()
+        val = spectrum.values[name]
+        node.create_array(name="values", shape=tuple(val.shape), dtype="float64", chunks=tuple(val.shape))
+        node["values"][...] = val.numpy()
+    root.attrs.update({"modules": list(spectrum.vectors), "r_max": spectrum.r_max, "solver": spectrum.solver,
+                       "model_fingerprint": spectrum.model_fingerprint})
+    root.attrs["complete"] = True
+
+
+def load_spectrum(path: str | Path) -> Spectrum:
+    """Read a store written by :func:`save_spectrum`.
+
+    Raises:
+        ValueError: no store at ``path``, an incomplete store, or one with missing attributes or arrays.
+    """
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except FileNotFoundError as err:
+        raise ValueError(f"no spectrum store at {path}") from err
+    attrs = root.attrs.asdict()
+    if attrs.get("complete") is not True:
+        raise ValueError(f"spectrum store {path} is incomplete (complete={attrs.get('complete')!r}): "
+                         "its write was interrupted; recompute it")
+    try:
+        names = attrs["modules"]
+        vectors = {n: torch.from_numpy(np.asarray(root[f"{n}/vectors"][...], dtype=np.float64)) for n in names}
+        values = {n: torch.from_numpy(np.asarray(root[f"{n}/values"][...], dtype=np.float64)) for n in names}
+        return Spectrum(vectors=vectors, values=values, r_max=int(attrs["r_max"]), solver=dict(attrs["solver"]),
+                        model_fingerprint=attrs["model_fingerprint"])
+    except KeyError as err:
+        raise ValueError(f"spectrum store {path} is malformed: missing {err}") from err
+
+
+def _top_right_singular(m: torch.Tensor, r: int, solver: Solver) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Top-r right singular vectors ``[r, d_in]`` and values ``[r]`` of m, and the solver that made them."""
+    if solver == "exact":
+        return (*_exact(m, r), "exact")
+    v, s, sigma = _gram(m, r)
+    if solver == "gram" or gram_error_bound(sigma, r, m.shape[1], m.shape[0]) <= GRAM_TOLERANCE:
+        return v, s, "gram"
+    return (*_exact(m, r), "exact")
+
+
+def _exact(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return vh[:r], s[:r]
+
+
+def _gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigen-solve the smaller Gram matrix; also return all its σ (descending) for the error bound."""
+    d_out, d_in = m.shape
+    if d_in <= d_out:
+        lam, q = torch.linalg.eigh(m.T @ m)  # ascending; q's columns are right singular vectors
+        v = q.flip(1)[:, :r]  # [d_in, r]
+    else:
+        lam, u = torch.linalg.eigh(m @ m.T)
+        # V = MᵀU/σ; QR instead of dividing keeps the rows orthonormal when some σ is ~0.
+        q, rr = torch.linalg.qr(m.T @ u.flip(1)[:, :r])
+        v = q * torch.where(rr.diagonal() < 0, -1.0, 1.0)
+    sigma = lam.flip(0).clamp(min=0).sqrt()
+    # ‖Mv‖ is accurate to second order in v's error, unlike sqrt(λ), which loses the small σ.
+    return v.T, torch.linalg.vector_norm(m @ v, dim=0), sigma
+
+
+def _fix_signs(v: torch.Tensor) -> torch.Tensor:
+    """Flip each row so that its largest-magnitude entry is positive."""
+    idx = v.abs().argmax(dim=1, keepdim=True)
+    return v * torch.where(v.gather(1, idx) < 0, -1.0, 1.0).to(v.dtype)

@@ -1,0 +1,199 @@
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tlora import find_targets
+from tlora.covariance import (
+    Covariance,
+    CovarianceStats,
+    collect_covariance,
+    load_covariance,
+    merge_covariances,
+    save_covariance,
+)
+
+
+def collect(model, batches, targets=r".*(layers|h|layer)\.\d+\..*", **kw):  # BERT's pooler reads no tokens
+    return collect_covariance(model, batches, find_targets(model, targets), progress=False, **kw)
+
+
+def oracle(model, samples, names):
+    """Per module: Σ_s (X_s − μ_s)ᵀ(X_s − μ_s) in float64 numpy, from an unpadded forward per sample."""
+    seen: dict[str, np.ndarray] = {}
+
+    def keep(name):
+        return lambda _m, args: seen.__setitem__(name, args[0][0].detach().double().numpy())  # [T, d]
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(keep(n)) for n in names]
+    sums = dict.fromkeys(names, 0.0)
+    try:
+        with torch.no_grad():
+            for s in samples:
+                model(input_ids=s["input_ids"][None], attention_mask=s["attention_mask"][None])
+                for n in names:
+                    xc = seen[n] - seen[n].mean(0)
+                    sums[n] = sums[n] + xc.T @ xc
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def rel_err(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_matches_per_sample_oracle(kind, tiny_model, samples, batches):
+    model = tiny_model(kind, dtype=torch.float64)
+    data = samples(6, seed=1)
+    cov = collect(model, batches(data, 4), precision="float64")
+    expected = oracle(model, data, list(cov.modules))
+    assert cov.n_samples == 6 and cov.n_tokens == sum(len(s["input_ids"]) for s in data)
+    for name, s in expected.items():
+        assert rel_err(cov.matrix(name), s / 6) < 1e-12, name
+
+
+def test_output_head_as_a_target_sees_every_token(tiny_model, samples, batches):
+    model = tiny_model("llama", dtype=torch.float64)
+    data = samples(3)
+    cov = collect(model, batches(data, 3), ["lm_head"], precision="float64")
+    assert rel_err(cov.matrix("lm_head"), oracle(model, data, ["lm_head"])["lm_head"] / 3) < 1e-12
+
+
+def test_float32_gemm_is_close_to_float64(tiny_model, samples, batches):
+    model = tiny_model("llama")
+    data = batches(samples(6), 3)
+    c32, c64 = collect(model, data), collect(model, data, precision="float64")
+    for group, s in c64.sums.items():
+        assert c32.sums[group].dtype == torch.float64
+        assert rel_err(c32.sums[group], s) < 1e-5, group
+
+
+@pytest.mark.parametrize(("kind", "side"), [("llama", "right"), ("llama", "left"), ("gpt2", "left")])
+def test_batch_size_and_padding_side_do_not_change_c(kind, side, tiny_model, samples, batches):
+    model = tiny_model(kind, dtype=torch.float64)
+    data = samples(8, seed=2)
+    one = collect(model, batches(data, 1), precision="float64")
+    four = collect(model, batches(data, 4, side=side), precision="float64")
+    assert (one.n_tokens, one.n_samples) == (four.n_tokens, four.n_samples)
+    assert any(len(s["input_ids"]) != len(data[0]["input_ids"]) for s in data[:4])  # padding did happen
+    for group, s in one.sums.items():
+        assert rel_err(four.sums[group], s) < 1e-12, group
+
+
+def test_shards_merge_to_one_pass(tiny_model, samples, batches):
+    model = tiny_model("llama", dtype=torch.float64)
+    data = samples(8, seed=3)
+    whole = collect(model, batches(data, 4), precision="float64", data_fingerprint="all")
+    parts = [collect(model, batches(data[:3], 2), precision="float64"),
+             collect(model, batches(data[3:], 4), precision="float64")]
+    merged = merge_covariances(parts, data_fingerprint="all")
+    assert merged.stats == whole.stats
+    for group, s in whole.sums.items():
+        assert rel_err(merged.sums[group], s) < 1e-12, group
+
+
+def test_merge_refuses_mismatched_parts(tiny_model, samples, batches):
+    model = tiny_model("llama")
+    data = batches(samples(2), 2)
+    cov = collect(model, data)
+    with pytest.raises(ValueError, match="another model"):
+        merge_covariances([cov, collect(tiny_model("llama", seed=1), data)])
+    with pytest.raises(ValueError, match="other modules"):
+        merge_covariances([cov, collect(model, data, ["q_proj"])])
+    with pytest.raises(ValueError, match="at least one"):
+        merge_covariances([])
+
+
+def test_shared_inputs_share_one_matrix(tiny_model, samples, batches):
+    model = tiny_model("llama")
+    cov = collect(model, batches(samples(3), 3))
+    assert len(cov.modules) == 14 and len(cov.sums) == 8  # per layer: qkv, o, gate/up, down
+    layer = "model.layers.1."
+    q, k, v = (cov.matrix(layer + f"self_attn.{p}_proj") for p in "qkv")
+    assert torch.equal(q, k) and torch.equal(q, v)
+    assert torch.equal(cov.matrix(layer + "mlp.gate_proj"), cov.matrix(layer + "mlp.up_proj"))
+    assert not torch.equal(q, cov.matrix(layer + "mlp.gate_proj"))
+    assert cov.groups[layer + "mlp.gate_proj"] == [layer + "mlp.gate_proj", layer + "mlp.up_proj"]
+
+
+def test_module_without_token_input_is_refused(tiny_model, samples, batches):
+    with pytest.raises(ValueError, match=r"'pooler\.dense' reads \(2, 32\), not one vector per token"):
+        collect(tiny_model("bert"), batches(samples(2), 2), "all-linear")
+
+
+def test_accepts_a_target_spec_and_records_fingerprints(tiny_model, samples, batches):
+    from tlora.models import model_fingerprint
+
+    model = tiny_model("gpt2")
+    cov = collect_covariance(model, batches(samples(2), 2), ["c_fc"], data_fingerprint="d1", progress=False)
+    assert list(cov.modules) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    assert cov.model_fingerprint == model_fingerprint(model) and cov.data_fingerprint == "d1"
+
+
+def test_bad_data_is_refused_before_any_forward(tiny_model, samples, batches):
+    model = tiny_model("llama")
+    targets = find_targets(model)
+    model.forward = lambda **_: pytest.fail("forward ran on invalid data")
+    good = batches(samples(3), 3)[0]
+    padded = {k: v.clone() for k, v in good.items()}
+    padded["attention_mask"][1] = 0
+    cases = [
+        ([], "no calibration batches"),
+        ([{"input_ids": good["input_ids"]}], "batch 0 has no attention_mask"),
+        ([good, {"attention_mask": good["attention_mask"]}], "batch 1 has no input_ids"),
+        ([good, padded], "sample 1 of batch 1 is all padding"),
+        ([{**good, "attention_mask": torch.zeros_like(good["attention_mask"])}], "all padding"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ValueError, match=message):
+            collect_covariance(model, data, targets, progress=False)
+
+
+def test_nan_activation_names_module_and_hooks_are_removed(tiny_model, samples, batches):
+    model = tiny_model("llama").train()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite.*'model\.layers\.1\.mlp\.gate_proj' \(shared by .*up_proj\)"):
+        collect(model, batches(samples(2), 2))
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert model.training and torch.is_grad_enabled()
+
+
+def test_zarr_round_trip_is_exact(tiny_model, samples, batches, tmp_path):
+    model = tiny_model("llama")
+    cov = collect(model, batches(samples(3), 2), data_fingerprint="d")
+    save_covariance(tmp_path / "covariance.zarr", cov)
+    root = zarr.open_group(str(tmp_path / "covariance.zarr"), mode="r")
+    assert sorted(root.array_keys()) == sorted(cov.sums)
+    assert root.attrs["complete"] is True and root.attrs["centering"] == "per_sample"
+    back = load_covariance(tmp_path / "covariance.zarr")
+    assert back.stats == cov.stats
+    assert all(torch.equal(back.sums[g], s) for g, s in cov.sums.items())
+    assert CovarianceStats.model_validate_json(cov.stats.model_dump_json()) == cov.stats
+
+
+def test_incomplete_store_is_refused(tiny_model, samples, batches, tmp_path):
+    cov = collect(tiny_model("llama"), batches(samples(2), 2), ["q_proj"])
+    path = tmp_path / "covariance.zarr"
+    save_covariance(path, cov)
+    zarr.open_group(str(path), mode="r+").attrs["complete"] = False
+    with pytest.raises(ValueError, match="incomplete"):
+        load_covariance(path)
+    with pytest.raises(ValueError, match="no covariance store"):
+        load_covariance(tmp_path / "missing.zarr")
+
+
+def test_covariance_checks_its_own_fields():
+    eye = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="without a sum"):
+        Covariance(sums={"a": eye}, modules={"a": "a", "b": "b"}, n_tokens=3, n_samples=1)
+    with pytest.raises(ValueError, match="square float64"):
+        Covariance(sums={"a": eye.float()}, modules={"a": "a"}, n_tokens=3, n_samples=1)
+    cov = Covariance(sums={"a": eye}, modules={"a": "a"}, n_tokens=3, n_samples=2)
+    assert torch.equal(cov.matrix("a"), eye / 2)
+    with pytest.raises(ValueError, match="has no covariance"):
+        cov.matrix("b")

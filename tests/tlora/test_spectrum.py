@@ -1,0 +1,157 @@
+import numpy as np
+import pytest
+import torch
+import zarr
+from transformers.pytorch_utils import Conv1D
+
+from tlora import find_targets
+from tlora.covariance import Covariance, collect_covariance
+from tlora.spectrum import (
+    GRAM_TOLERANCE,
+    compute_spectrum,
+    gram_error_bound,
+    load_spectrum,
+    save_spectrum,
+)
+
+
+def covariance_of(model, samples, batches):
+    return collect_covariance(model, batches(samples(8, seed=4), 4), find_targets(model), precision="float64",
+                              progress=False)
+
+
+def oracle(model, cov, name):
+    """numpy float64 SVD of W0·C, W0 in [d_out, d_in] (GPT-2 Conv1D stores [d_in, d_out])."""
+    module = model.get_submodule(name)
+    w = module.weight.detach().double().numpy()
+    w = w.T if isinstance(module, Conv1D) else w
+    _, s, vh = np.linalg.svd(w @ cov.matrix(name).numpy())
+    return vh, s
+
+
+def projector_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Spectral norm of the difference of the projectors onto the row spaces: sin of the largest angle."""
+    return float(np.linalg.norm(a.T @ a - b.T @ b, 2))
+
+
+def clear_prefixes(s: np.ndarray, r: int, d_in: int) -> list[int]:
+    """Prefix lengths k <= r whose subspace is well defined (σ_k clearly above σ_{k+1})."""
+    s = np.concatenate([s, [0.0]])
+    return [k for k in range(1, r + 1) if k == d_in or s[k - 1] - s[k] > 1e-3 * s[0]]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("solver", ["exact", "gram", "auto"])
+def test_subspaces_match_numpy_svd(kind, solver, tiny_model, samples, batches):
+    model = tiny_model(kind, dtype=torch.float64)
+    cov = covariance_of(model, samples, batches)
+    spectrum = compute_spectrum(model, cov, 40, solver=solver)
+    assert list(spectrum.vectors) == list(cov.modules) and spectrum.r_max == 40
+    checked = 0
+    for name, target in find_targets(model).modules.items():
+        vh, s = oracle(model, cov, name)
+        v = spectrum.vectors[name].numpy()
+        r = min(40, target.d_in, target.d_out)
+        assert v.shape == (r, target.d_in) and v.dtype == np.float64
+        assert np.abs(v @ v.T - np.eye(r)).max() < 1e-12, name  # orthonormal rows
+        assert spectrum.solver[name] == solver or solver == "auto"
+        tol = 1e-8 if spectrum.solver[name] == "exact" else 1e-6
+        for k in clear_prefixes(s, r, target.d_in):
+            assert projector_gap(v[:k], vh[:k]) < tol, (name, k)
+            checked += 1
+        top = s[: min(r, 8)]
+        assert np.abs(spectrum.values[name].numpy()[: len(top)] - top).max() < 1e-8 * s[0], name
+    assert checked > 100
+
+
+def test_gram_routes_and_signs(tiny_model, samples, batches):
+    model = tiny_model("llama", dtype=torch.float64)
+    cov = covariance_of(model, samples, batches)
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.gate_proj"]  # MMᵀ (16 < 32), MᵀM (48 > 32)
+    gram = compute_spectrum(model, cov, 6, modules=names, solver="gram")
+    exact = compute_spectrum(model, cov, 6, modules=names, solver="exact")
+    for name in names:
+        g, e = gram.vectors[name], exact.vectors[name]
+        assert g.shape == (6, 32)
+        top = g.gather(1, g.abs().argmax(1, keepdim=True))
+        assert bool((top > 0).all())  # deterministic sign: largest-magnitude entry positive
+        assert (g - e).abs().max() < 1e-6, name  # same signs, so the vectors themselves agree
+        assert gram.solver[name] == "gram" and exact.solver[name] == "exact"
+
+
+def constructed(model, name: str, sigma: np.ndarray) -> Covariance:
+    """Set the module's weight to U·diag(σ)·Vᵀ and return an identity covariance, so that M = W0."""
+    module = model.get_submodule(name)
+    d_out, d_in = module.weight.shape
+    rng = np.random.default_rng(0)
+    u = np.linalg.qr(rng.standard_normal((d_out, len(sigma))))[0]
+    v = np.linalg.qr(rng.standard_normal((d_in, len(sigma))))[0]
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(u @ np.diag(sigma) @ v.T))
+    eye = torch.eye(d_in, dtype=torch.float64)
+    return Covariance(sums={name: eye}, modules={name: name}, n_tokens=1, n_samples=1)
+
+
+def test_auto_falls_back_to_exact_when_the_gap_is_tiny(tiny_model):
+    model = tiny_model("llama", dtype=torch.float64)
+    name = "model.layers.0.mlp.gate_proj"  # [48, 32]
+    clear = np.linspace(1.0, 0.1, 32)
+    cov = constructed(model, name, clear)
+    assert compute_spectrum(model, cov, 8, solver="auto").solver[name] == "gram"
+    # Squaring M squares its condition: σ₂² − σ₃² is ~1e-12·σ₁², below what eigh of MᵀM resolves.
+    near = np.concatenate([[1.0, 1e-6, 5e-7], np.linspace(1e-7, 1e-8, 29)])
+    cov = constructed(model, name, near)
+    vh, s = oracle(model, cov, name)
+    gram = compute_spectrum(model, cov, 8, solver="gram")
+    assert projector_gap(gram.vectors[name][:2].numpy(), vh[:2]) > GRAM_TOLERANCE  # the trap is real
+    spectrum = compute_spectrum(model, cov, 8, solver="auto")
+    assert spectrum.solver[name] == "exact"
+    for k in (1, 2, 3):
+        assert projector_gap(spectrum.vectors[name][:k].numpy(), vh[:k]) < 1e-8, k
+    assert np.abs(spectrum.values[name].numpy() - s[:8]).max() < 1e-12
+
+
+def test_gram_error_bound():
+    sigma = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    assert gram_error_bound(sigma, 2, 3, 3) < GRAM_TOLERANCE
+    assert gram_error_bound(sigma, 3, 3, 3) == gram_error_bound(sigma, 2, 3, 3)  # all of R^3: always exact
+    assert gram_error_bound(torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64), 1, 3, 3) == float("inf")
+    assert gram_error_bound(torch.tensor([1.0, 1.0 - 1e-10, 0.5], dtype=torch.float64), 1, 3, 3) > GRAM_TOLERANCE
+
+
+def test_errors_before_compute(tiny_model, samples, batches):
+    model = tiny_model("llama")
+    cov = covariance_of(model, samples, batches)
+    with pytest.raises(ValueError, match="r_max must be >= 1"):
+        compute_spectrum(model, cov, 0)
+    with pytest.raises(ValueError, match="covariance was collected on another model"):
+        compute_spectrum(tiny_model("llama", seed=1), cov, 4)
+    assert compute_spectrum(tiny_model("llama", seed=1), cov, 4, check_fingerprint=False).vectors
+    with pytest.raises(ValueError, match="'nope' is not in the covariance"):
+        compute_spectrum(model, cov, 4, modules=["nope"])
+    name = "model.layers.0.mlp.down_proj"  # d_in 48
+    wrong = Covariance(sums={name: torch.eye(32, dtype=torch.float64)}, modules={name: name}, n_tokens=4,
+                       n_samples=1)
+    with pytest.raises(ValueError, match=r"down_proj'.*\(32, 48\) needs a \[48, 48\] covariance, got \[32, 32\]"):
+        compute_spectrum(model, wrong, 4)
+    ghost = "model.layers.9.mlp.up_proj"
+    absent = Covariance(sums={ghost: torch.eye(32, dtype=torch.float64)}, modules={ghost: ghost}, n_tokens=4,
+                        n_samples=1)
+    with pytest.raises(ValueError, match="does not exist"):
+        compute_spectrum(model, absent, 4)
+
+
+def test_zarr_round_trip_and_incomplete_store(tiny_model, samples, batches, tmp_path):
+    model = tiny_model("gpt2")
+    spectrum = compute_spectrum(model, covariance_of(model, samples, batches), 5)
+    path = tmp_path / "spectrum.zarr"
+    save_spectrum(path, spectrum)
+    back = load_spectrum(path)
+    assert back.r_max == 5 and back.solver == spectrum.solver
+    assert back.model_fingerprint == spectrum.model_fingerprint
+    assert list(back.vectors) == list(spectrum.vectors)
+    for name, v in spectrum.vectors.items():
+        assert torch.equal(back.vectors[name], v) and torch.equal(back.values[name], spectrum.values[name])
+    zarr.open_group(str(path), mode="r+").attrs["complete"] = False
+    with pytest.raises(ValueError, match="incomplete"):
+        load_spectrum(path)

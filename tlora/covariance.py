@@ -1,0 +1,338 @@
+"""Activation covariance of each target module's input over the calibration samples (DESIGN §1.2).
+
+For every shared-input group g (q/k/v read one tensor, and so do gate/up) and every calibration sample s,
+with X_s ``[n_s, d_in]`` the group's input at the sample's valid tokens (attention mask 1: prompt and
+response alike, never padding) and μ_s their mean:
+
+    S_g = Σ_s (X_s − 1·μ_sᵀ)ᵀ (X_s − 1·μ_sᵀ)        C_g = S_g / n_samples
+
+Invariants (tested): S is kept as float64 sums plus counts, so shards add up (:func:`merge_covariances`)
+and any batch size or padding side gives the S of batch size 1. Each sample is centred *before* the GEMM
+rather than through Σxxᵀ − n·μμᵀ, which cancels catastrophically when |μ| is large against the spread.
+The artifact is ``covariance.zarr`` (DESIGN §2): one float64 ``[d_in, d_in]`` array per group.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import zarr
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+from tqdm.auto import tqdm
+
+from tlora.models import model_fingerprint as fingerprint_model
+from tlora.targets import Targets, TargetSpec, find_targets, get_module
+
+log = logging.getLogger(__name__)
+
+Centering = Literal["per_sample"]
+Precision = Literal["float32", "float64"]
+_FORWARD_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_CHUNK = 1024  # a 1024² float64 chunk is 8 MiB: whole matrices for small models, tiles for large ones
+
+
+class CovarianceStats(BaseModel):
+    """Everything a :class:`Covariance` holds but its tensors (for manifests and run logs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modules: dict[str, str]
+    """Module name -> shared-input group name."""
+    dims: dict[str, int]
+    """Group name -> d_in."""
+    n_tokens: int
+    n_samples: int
+    centering: Centering
+    model_fingerprint: str | None
+    data_fingerprint: str | None
+
+
+@dataclass(frozen=True)
+class Covariance:
+    """Per-sample-centred activation sums of each shared-input group, plus the counts behind them."""
+
+    sums: dict[str, torch.Tensor]  # group -> [d_in, d_in], float64, S = Σ_s Xcᵀ Xc
+    modules: dict[str, str]  # module -> group
+    n_tokens: int
+    n_samples: int
+    centering: Centering = "per_sample"
+    model_fingerprint: str | None = None
+    data_fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        missing = sorted(set(self.modules.values()) - set(self.sums))
+        if missing:
+            raise ValueError(f"modules refer to groups without a sum: {missing}")
+        for group, s in self.sums.items():
+            if s.dim() != 2 or s.shape[0] != s.shape[1] or s.dtype != torch.float64:
+                raise ValueError(f"sum of group {group!r} must be a square float64 matrix, got "
+                                 f"{tuple(s.shape)} {s.dtype}")
+        if self.n_samples < 1 or self.n_tokens < self.n_samples:
+            raise ValueError(f"need n_tokens >= n_samples >= 1, got n_tokens={self.n_tokens}, "
+                             f"n_samples={self.n_samples}")
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Group name -> its member modules, in module order."""
+        out: dict[str, list[str]] = {g: [] for g in self.sums}
+        for module, group in self.modules.items():
+            out[group].append(module)
+        return out
+
+    def matrix(self, module: str) -> torch.Tensor:
+        """``C = S / n_samples`` for the module's group: ``[d_in, d_in]``, float64."""
+        if module not in self.modules:
+            raise ValueError(f"module {module!r} has no covariance; it holds {len(self.modules)} modules, "
+                             f"e.g. {list(self.modules)[:3]}")
+        return self.sums[self.modules[module]] / self.n_samples
+
+    @property
+    def stats(self) -> CovarianceStats:
+        return CovarianceStats(
+            modules=dict(self.modules), dims={g: int(s.shape[0]) for g, s in self.sums.items()},
+            n_tokens=self.n_tokens, n_samples=self.n_samples, centering=self.centering,
+            model_fingerprint=self.model_fingerprint, data_fingerprint=self.data_fingerprint)
+
+
+def collect_covariance(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    targets: Targets | TargetSpec,
+    *,
+    precision: Precision = "float32",
+    model_fingerprint: str | None = None,
+    data_fingerprint: str | None = None,
+    progress: bool = True,
+) -> Covariance:
+    """Run the model over calibration batches and accumulate each group's per-sample-centred input sums.
+
+    Args:
+        batches: dicts with ``input_ids`` and ``attention_mask`` ``[B, T]`` (padding on either side;
+            ``labels`` are ignored). All of them are checked before the first forward pass.
+        targets: from :func:`tlora.targets.find_targets`, or a spec to pass to it.
+        precision: dtype of the centred activations and their GEMM. ``float32`` is accumulated into
+            float64 sums once per batch; ``float64`` makes the whole sum float64.
+        model_fingerprint: recorded as given; computed from the model's weights when ``None``.
+
+    Returns:
+        The sums (on CPU) with ``n_tokens`` valid tokens over ``n_samples`` samples.
+
+    Raises:
+        ValueError: no batches, a batch without ``input_ids``/``attention_mask``, a sample that is all
+            padding (before any compute); non-finite activations at a module (names it).
+    """
+    if not isinstance(targets, Targets):
+        targets = find_targets(model, targets)
+    batches = list(batches)
+    _check_batches(batches)
+    if model_fingerprint is None:
+        model_fingerprint = fingerprint_model(model)
+    device = next(model.parameters()).device
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    hooked = {group: get_module(model, group) for group in targets.groups}
+    params = inspect.signature(model.forward).parameters
+    # Absolute-position models (GPT-2, BERT) would see left-padded samples at shifted positions.
+    make_positions = "position_ids" in params
+    extra = {"use_cache": False} if "use_cache" in params else {}  # no KV cache to build and hold
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if "logits_to_keep" in params and all(head is not m for m in hooked.values()):
+        extra["logits_to_keep"] = 1  # the [B, T, vocab] logits are never read
+    acc = _Accumulator(targets.groups, dtype)
+    handles = [module.register_forward_pre_hook(acc.hook(group)) for group, module in hooked.items()]
+    was_training = model.training
+    try:
+        model.eval()  # dropout would make the activations random
+        with torch.no_grad():
+            for j, batch in enumerate(tqdm(batches, desc="covariance", unit="batch", disable=not progress)):
+                inputs = {k: batch[k].to(device) for k in _FORWARD_KEYS if k in batch}
+                mask = inputs["attention_mask"].ne(0)
+                if make_positions and "position_ids" not in inputs:
+                    inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
+                acc.start(mask)
+                model(**inputs, **extra)
+                acc.finish(j)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    cov = Covariance(
+        sums={g: acc.sums[g].cpu() for g in targets.groups},  # module order, not call order
+        modules={name: t.group for name, t in targets.modules.items()},
+        n_tokens=acc.n_tokens, n_samples=acc.n_samples, centering="per_sample",
+        model_fingerprint=model_fingerprint, data_fingerprint=data_fingerprint)
+    log.info("covariance of %d groups (%d modules) over %d samples, %d tokens",
+             len(cov.sums), len(cov.modules), cov.n_samples, cov.n_tokens)
+    return cov
+
+
+def merge_covariances(parts: Sequence[Covariance], *, data_fingerprint: str | None = None) -> Covariance:
+    """Add the sums and counts of covariances collected on disjoint shards of the calibration data.
+
+    Args:
+        data_fingerprint: the fingerprint of the union of the shards (each part carries its own).
+
+    Raises:
+        ValueError: no parts, or parts that disagree on modules, groups, shapes, centering or model.
+    """
+    if not parts:
+        raise ValueError("merge_covariances needs at least one covariance")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        if part.modules != first.modules:
+            raise ValueError(f"part {i} covers other modules or groups than part 0")
+        for group, s in part.sums.items():
+            if s.shape != first.sums[group].shape:
+                raise ValueError(f"group {group!r}: part {i} has shape {tuple(s.shape)}, part 0 "
+                                 f"{tuple(first.sums[group].shape)}")
+        if part.centering != first.centering:
+            raise ValueError(f"part {i} is centred {part.centering!r}, part 0 {first.centering!r}")
+        if part.model_fingerprint != first.model_fingerprint:
+            raise ValueError(f"part {i} was collected on another model than part 0 "
+                             f"({part.model_fingerprint} != {first.model_fingerprint})")
+    sums = {g: torch.stack([p.sums[g] for p in parts]).sum(0) for g in first.sums}
+    return Covariance(sums=sums, modules=dict(first.modules), n_tokens=sum(p.n_tokens for p in parts),
+                      n_samples=sum(p.n_samples for p in parts), centering=first.centering,
+                      model_fingerprint=first.model_fingerprint, data_fingerprint=data_fingerprint)
+
+
+def save_covariance(path: str | Path, cov: Covariance) -> None:
+    """Write ``cov`` as a Zarr v3 group: one float64 array per group, the rest as attributes.
+
+    ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
+    """
+    root = zarr.open_group(str(path), mode="w")
+    root.attrs["complete"] = False
+    names = {group: _array_name(group, i) for i, group in enumerate(cov.sums)}
+    for group, s in cov.sums.items():
+        d = s.shape[0]
+        arr = root.create_array(name=names[group], shape=tuple(s.shape), dtype="float64",
+                                chunks=(min(d, _CHUNK), min(d, _CHUNK)))
+        arr[...] = s.numpy()
+    root.attrs.update({
+        "modules": {m: names[g] for m, g in cov.modules.items()}, "n_tokens": cov.n_tokens,
+        "n_samples": cov.n_samples, "centering": cov.centering, "model_fingerprint": cov.model_fingerprint,
+        "data_fingerprint": cov.data_fingerprint})
+    root.attrs["complete"] = True
+
+
+def load_covariance(path: str | Path) -> Covariance:
+    """Read a store written by :func:`save_covariance`; group names are the store's array names.
+
+    Raises:
+        ValueError: no store at ``path``, a store whose ``complete`` attribute is not true, or one with
+            missing or malformed attributes.
+    """
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except FileNotFoundError as err:
+        raise ValueError(f"no covariance store at {path}") from err
+    attrs = root.attrs.asdict()
+    if attrs.get("complete") is not True:
+        raise ValueError(f"covariance store {path} is incomplete (complete={attrs.get('complete')!r}): "
+                         "its write was interrupted; recompute it")
+    try:
+        modules = attrs["modules"]
+        sums = {name: torch.from_numpy(np.asarray(root[name][...], dtype=np.float64))
+                for name in dict.fromkeys(modules.values())}
+        stats = CovarianceStats.model_validate(
+            {k: attrs[k] for k in ("modules", "n_tokens", "n_samples", "centering", "model_fingerprint",
+                                   "data_fingerprint")} | {"dims": {g: s.shape[0] for g, s in sums.items()}})
+    except (KeyError, ValidationError) as err:
+        raise ValueError(f"covariance store {path} is malformed: {err}") from err
+    return Covariance(sums=sums, modules=stats.modules, n_tokens=stats.n_tokens, n_samples=stats.n_samples,
+                      centering=stats.centering, model_fingerprint=stats.model_fingerprint,
+                      data_fingerprint=stats.data_fingerprint)
+
+
+def _check_batches(batches: list[Mapping[str, torch.Tensor]]) -> None:
+    """Refuse unusable calibration data before any forward pass, naming the batch and sample."""
+    if not batches:
+        raise ValueError("no calibration batches: the covariance needs at least one sample")
+    masks = []
+    for j, batch in enumerate(batches):
+        missing = [k for k in ("input_ids", "attention_mask") if k not in batch]
+        if missing:
+            raise ValueError(f"batch {j} has no {' or '.join(missing)} (keys: {sorted(batch)}); the covariance "
+                             "counts valid tokens by attention mask")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if ids.dim() != 2 or mask.shape != ids.shape or ids.shape[0] == 0:
+            raise ValueError(f"batch {j}: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} "
+                             "must both be [B, T] with B >= 1")
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError(f"batch {j}: attention_mask must hold only 0 and 1")
+        masks.append(mask)
+    if not any(bool(m.any()) for m in masks):
+        raise ValueError("the calibration data is all padding: attention_mask is 0 everywhere")
+    for j, mask in enumerate(masks):
+        empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"sample {empty[0]} of batch {j} is all padding (attention_mask all 0); drop it")
+
+
+class _Accumulator:
+    """Running sums per group, fed by one forward pre-hook per group, one batch at a time."""
+
+    def __init__(self, groups: Mapping[str, list[str]], dtype: torch.dtype) -> None:
+        self.groups = groups
+        self.dtype = dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n_tokens = 0
+        self.n_samples = 0
+
+    def start(self, mask: torch.Tensor) -> None:
+        """Prepare the valid-token index of a batch (mask ``[B, T]``, bool)."""
+        self.shape = tuple(mask.shape)
+        self.rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] valid rows of the flattened [B*T, d] input
+        self.sample = self.rows // mask.shape[1]  # [N] the sample each valid row belongs to
+        self.counts = mask.sum(1).to(self.dtype)[:, None]  # [B, 1]
+        self.calls = dict.fromkeys(self.groups, 0)
+        self.finite: dict[str, torch.Tensor] = {}
+        self.n_tokens += len(self.rows)
+        self.n_samples += mask.shape[0]
+
+    def hook(self, group: str):
+        def pre_hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            b, t = self.shape
+            if x.shape[:-1] not in ((b, t), (b * t,)):
+                raise ValueError(f"module {group!r} reads {tuple(x.shape)}, not one vector per token "
+                                 f"([{b}, {t}, d]): its token covariance is undefined; leave it out of the targets")
+            x = x.reshape(b * t, x.shape[-1]).index_select(0, self.rows).to(self.dtype)  # [N, d]
+            mean = torch.zeros(b, x.shape[1], dtype=self.dtype, device=x.device).index_add_(0, self.sample, x)
+            xc = x - (mean / self.counts)[self.sample]
+            if group not in self.sums:
+                self.sums[group] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            if self.dtype == torch.float64:
+                self.sums[group].addmm_(xc.T, xc)
+            else:
+                self.sums[group].add_(xc.T @ xc)  # float32 GEMM, float64 accumulation across batches
+            self.calls[group] += 1
+            # Kept as a tensor and read after the forward pass: one device sync per batch, not per module.
+            finite = torch.isfinite(x).all()
+            self.finite[group] = finite & self.finite[group] if group in self.finite else finite
+
+        return pre_hook
+
+    def finish(self, j: int) -> None:
+        """Check the batch just run: every group saw its input, and only finite values (module order)."""
+        for group, members in self.groups.items():
+            if self.calls[group] == 0:
+                raise ValueError(f"module {group!r} was not called in batch {j}; it cannot be a target")
+            if not bool(self.finite[group]):
+                shared = f" (shared by {', '.join(members[1:])})" if len(members) > 1 else ""
+                raise ValueError(f"non-finite (NaN/Inf) input activations at module {group!r}{shared} in batch {j}")
+
+
+def _array_name(group: str, index: int) -> str:
+    """The group's name if Zarr can use it as a node name, else a stand-in (the mapping lands in attrs)."""
+    if group and "/" not in group and not group.startswith("__") and set(group) != {"."}:
+        return group
+    return f"group_{index}"
