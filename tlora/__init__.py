@@ -5,6 +5,7 @@ from tlora.adapters import AdapterInfo, init_adapters, load_adapters, save_adapt
 from tlora.allocation import Allocation, Budget, ModuleAllocation, allocate
 from tlora.covariance import Covariance, collect_covariance, load_covariance, merge_covariances, save_covariance
 from tlora.evaluate import EvalResult, evaluate, heldout_loss, merge_adapters
+from tlora.methods import ABLATIONS, Method, build_adapter, plan_allocation
 from tlora.models import load_model, model_fingerprint
 from tlora.sensitivity import Scores, score_sensitivity
 from tlora.spectrum import Spectrum, compute_spectrum, load_spectrum, save_spectrum
@@ -12,11 +13,13 @@ from tlora.targets import Target, Targets, find_targets
 from tlora.train import TrainResult, train
 
 __all__ = [
+    "ABLATIONS",
     "AdapterInfo",
     "Allocation",
     "Budget",
     "Covariance",
     "EvalResult",
+    "Method",
     "ModuleAllocation",
     "Scores",
     "Spectrum",
@@ -24,6 +27,7 @@ __all__ = [
     "Targets",
     "TrainResult",
     "allocate",
+    "build_adapter",
     "collect_covariance",
     "compute_spectrum",
     "evaluate",
@@ -37,6 +41,7 @@ __all__ = [
     "merge_adapters",
     "merge_covariances",
     "model_fingerprint",
+    "plan_allocation",
     "save_adapters",
     "save_covariance",
     "save_spectrum",
