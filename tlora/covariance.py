@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -203,10 +203,11 @@ def merge_covariances(parts: Sequence[Covariance], *, data_fingerprint: str | No
                       model_fingerprint=first.model_fingerprint, data_fingerprint=data_fingerprint)
 
 
-def save_covariance(path: str | Path, cov: Covariance) -> None:
+def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = "auto") -> None:
     """Write ``cov`` as a Zarr v3 group: one float64 array per group, the rest as attributes.
 
     ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
+    ``compressors`` is passed to zarr's ``create_array`` (``"auto"``: zarr's default, Zstd).
     """
     root = zarr.open_group(str(path), mode="w")
     root.attrs["complete"] = False
@@ -214,7 +215,7 @@ def save_covariance(path: str | Path, cov: Covariance) -> None:
     for group, s in cov.sums.items():
         d = s.shape[0]
         arr = root.create_array(name=names[group], shape=tuple(s.shape), dtype="float64",
-                                chunks=(min(d, _CHUNK), min(d, _CHUNK)))
+                                chunks=(min(d, _CHUNK), min(d, _CHUNK)), compressors=compressors)
         arr[...] = s.numpy()
     root.attrs.update({
         "modules": {m: names[g] for m, g in cov.modules.items()}, "n_tokens": cov.n_tokens,

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -126,19 +126,22 @@ def gram_error_bound(sigma: torch.Tensor, r: int, d_in: int, d_out: int) -> floa
     return float(_EPS * (d_in + d_out) * lam[0] / gaps.min())
 
 
-def save_spectrum(path: str | Path, spectrum: Spectrum) -> None:
+def save_spectrum(path: str | Path, spectrum: Spectrum, *, compressors: Any = "auto") -> None:
     """Write ``spectrum`` as a Zarr v3 group: ``<module>/vectors`` and ``<module>/values`` per module.
 
     ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
+    ``compressors`` is passed to zarr's ``create_array`` (``"auto"``: zarr's default, Zstd).
     """
     root = zarr.open_group(str(path), mode="w")
     root.attrs["complete"] = False
     for name, vec in spectrum.vectors.items():
         node = root.create_group(name)
-        node.create_array(name="vectors", shape=tuple(vec.shape), dtype="float64", chunks=tuple(vec.shape))
+        node.create_array(name="vectors", shape=tuple(vec.shape), dtype="float64", chunks=tuple(vec.shape),
+                           compressors=compressors)
         node["vectors"][...] = vec.numpy()
         val = spectrum.values[name]
-        node.create_array(name="values", shape=tuple(val.shape), dtype="float64", chunks=tuple(val.shape))
+        node.create_array(name="values", shape=tuple(val.shape), dtype="float64", chunks=tuple(val.shape),
+                           compressors=compressors)
         node["values"][...] = val.numpy()
     root.attrs.update({"modules": list(spectrum.vectors), "r_max": spectrum.r_max, "solver": spectrum.solver,
                        "model_fingerprint": spectrum.model_fingerprint})
