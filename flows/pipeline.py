@@ -1,0 +1,165 @@
+"""The pipeline as Prefect flows: the diagram of DESIGN §2, one line per stage.
+
+    model ─► calibration ─┬─► covariance ─► spectrum ─┐
+                          └─► sensitivity ────────────┴─► allocation ─► init ─► train ─► evaluate, merge
+
+The task side (model to sensitivity) is computed once per invocation and shared by every branch; a branch is one
+(budget, method): its allocation and everything below. Methods that need no spectrum or no scores (LoRA, PiSSA,
+ablations) skip those stages. A calibration mixture calibrates each dataset on its own (cached per dataset) and
+mixes the partial sums. ``pipeline`` runs the config's own branch, ``sweep`` several in one flow run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel, ConfigDict
+
+from flows import adapt, prepare
+from flows.config import PipelineConfig
+from flows.lineage import tracking_uri
+from flows.stage import RunContext, StageResult, call
+from tlora.allocation import Budget
+from tlora.methods import Method
+
+log = logging.getLogger(__name__)
+
+
+class Upstream(BaseModel):
+    """The task-side stages, shared by every branch."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: StageResult
+    calibrations: list[StageResult]
+    covariance: StageResult | None = None
+    spectrum: StageResult | None = None
+    sensitivity: StageResult | None = None
+
+
+class Branch(BaseModel):
+    """One (budget, method): its stages and its evaluation metrics."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: str
+    budget: Budget | None
+    allocation: StageResult
+    init: StageResult
+    train: StageResult
+    evaluate: StageResult
+    merge: StageResult | None
+    metrics: dict
+
+
+class PipelineResult(BaseModel):
+    """What one invocation produced, and where its lineage is recorded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    parent_run_id: str
+    tracking_uri: str
+    upstream: Upstream
+    branches: list[Branch]
+
+    def stages(self) -> list[StageResult]:
+        """Every stage result, upstream first, in the order they ran."""
+        up = self.upstream
+        out = [up.model, *up.calibrations, up.covariance, up.spectrum, up.sensitivity]
+        for b in self.branches:
+            out += [b.allocation, b.init, b.train, b.evaluate, b.merge]
+        return [s for s in out if s is not None]
+
+
+@flow(name="tlora-pipeline")
+def pipeline(config: PipelineConfig, progress: bool = False) -> PipelineResult:
+    """TLoRA end to end for the config's own budget and method."""
+    return run_branches(config, [(config.allocation.budget, config.method)], progress=progress)
+
+
+@flow(name="tlora-sweep")
+def sweep(config: PipelineConfig, budgets: list[Budget | None], methods: list[Method],
+          progress: bool = False) -> PipelineResult:
+    """Every (budget, method) pair in one flow run, sharing the task-side stages."""
+    return run_branches(config, [(b, m) for m in methods for b in budgets], progress=progress)
+
+
+def run_branches(config: PipelineConfig, branches: list[tuple[Budget | None, Method]], *,
+                 progress: bool = False) -> PipelineResult:
+    """The flow body: open the parent run, prepare the task side once, run each branch, close the run."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ctx = open_invocation(config, branches, progress=progress)
+    tracker = ctx.tracker()
+    try:
+        up = prepare_task(ctx, config, [m for _, m in branches])
+        done = [run_branch(ctx, config.with_branch(budget=b, method=m), up) for b, m in branches]
+    except BaseException:
+        tracker.finish(ctx.parent_run_id, status="FAILED")
+        raise
+    tracker.finish(ctx.parent_run_id, {f"{b.method}.{k}": v for b in done for k, v in b.metrics.items()
+                                       if isinstance(v, int | float)} if len(done) > 1 else done[0].metrics)
+    return PipelineResult(parent_run_id=ctx.parent_run_id, tracking_uri=ctx.tracking_uri, upstream=up,
+                          branches=done)
+
+
+def prepare_task(ctx: RunContext, cfg: PipelineConfig, methods: list[Method]) -> Upstream:
+    """Model, calibration per dataset, then covariance → spectrum and sensitivity where a method needs them."""
+    model = call(ctx, prepare.model, prepare.ModelParams.of(cfg))
+    sources = cfg.calibration_sources
+    calibs = [call(ctx, prepare.calibration, prepare.CalibrationParams.of(cfg, s, model)) for s in sources]
+    weights = [s.weight for s in sources]
+    covariance = spectrum = sensitivity = None
+    if any(m.needs_spectrum for m in methods):
+        covs = [call(ctx, prepare.covariance, prepare.CovarianceParams.of(cfg, model, c)) for c in calibs]
+        covariance = mix(ctx, prepare.covariance_mix, covs, weights)
+        spectrum = call(ctx, prepare.spectrum, prepare.SpectrumParams.of(cfg, model, covariance))
+    if any(m.needs_scores for m in methods):
+        scores = [call(ctx, prepare.sensitivity, prepare.SensitivityParams.of(cfg, model, c)) for c in calibs]
+        sensitivity = mix(ctx, prepare.sensitivity_mix, scores, weights)
+    return Upstream(model=model, calibrations=calibs, covariance=covariance, spectrum=spectrum,
+                    sensitivity=sensitivity)
+
+
+def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream) -> Branch:
+    """Allocation → init → train → evaluate (→ merge) for the config's budget and method."""
+    allocation = call(ctx, adapt.allocation, adapt.AllocationParams.of(cfg, up.model, up.sensitivity))
+    init = call(ctx, adapt.init, adapt.InitParams.of(cfg, up.model, allocation, up.spectrum))
+    trained = call(ctx, adapt.train, adapt.TrainParams.of(cfg, up.model, init))
+    evaluated = call(ctx, adapt.evaluate, adapt.EvaluateParams.of(cfg, up.model, trained))
+    merged = call(ctx, adapt.merge, adapt.MergeParams.of(cfg, up.model, trained)) if cfg.merge.enabled else None
+    metrics = yaml.safe_load((ctx.open(evaluated) / "metrics.json").read_text())
+    return Branch(method=cfg.method.label, budget=cfg.allocation.budget, allocation=allocation, init=init,
+                  train=trained, evaluate=evaluated, merge=merged, metrics=metrics)
+
+
+def mix(ctx: RunContext, mix_task, parts: list[StageResult], weights: list[float]) -> StageResult:
+    """A single dataset's result as is; several datasets' results mixed by per-sample weight."""
+    if len(parts) == 1:
+        return parts[0]
+    return call(ctx, mix_task, prepare.MixParams(parts=parts, weights=weights))
+
+
+def open_invocation(config: PipelineConfig, branches: list[tuple[Budget | None, Method]], *,
+                    progress: bool = False) -> RunContext:
+    """The run context of one invocation, with its MLflow parent run opened."""
+    root = str(Path(config.store.root).resolve())
+    stages = config.store.stages_uri
+    if "://" not in stages:
+        stages = str(Path(stages).resolve())
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = RunContext(stages=stages, root=root, tracking_uri=tracking_uri(config.tracking.uri, root),
+                     experiment=config.tracking.experiment, device=device, progress=progress)
+    params = config.model_dump(mode="json") | {"branches": [
+        {"method": m.label, "budget": b.model_dump(mode="json") if b else None} for b, m in branches]}
+    run_name = f"{config.name}-{flow_run.name}" if flow_run.name else config.name
+    parent = ctx.tracker().start_parent(run_name, params, yaml.safe_dump(config.model_dump(mode="json")))
+    if flow_run.id:
+        ctx.tracker().client.set_tag(parent, "prefect.flow_run_id", str(flow_run.id))
+    log.info("parent run %s", parent)
+    return ctx.model_copy(update={"parent_run_id": parent})
