@@ -7,7 +7,7 @@ TLoRA's, over several seeds, on the test split. Results go to ``benchmarks/RESUL
 its own) and raw figures to ``benchmarks/results/quality.json``; finished runs are kept there, so an
 interrupted benchmark resumes where it stopped.
 
-    python benchmarks/quality.py            # the full table (~60-90 min on 2 CPU cores)
+    python benchmarks/quality.py            # the full table (about an hour on 2 CPU cores)
     python benchmarks/quality.py --quick    # a smoke run of a few minutes
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,7 +39,7 @@ STOP = ["\ndef ", "\nclass ", "\n\n\n"]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke run (does not overwrite the full results)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--r", type=int, default=8)
@@ -46,13 +47,17 @@ def main() -> None:
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
-    p.add_argument("--n-eval", type=int, default=64, help="validation/test examples for loss and token accuracy")
-    p.add_argument("--n-generate", type=int, default=24, help="test prompts for exact match")
+    p.add_argument("--n-eval", type=int, default=48, help="validation/test examples for loss and token accuracy")
+    p.add_argument("--n-generate", type=int, default=16, help="test prompts for exact match")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: robust when other work shares the cores; spinning OpenMP threads on an "
+                        "oversubscribed machine slowed generation 100x here)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.seeds, args.lrs, args.n_eval, args.n_generate = 3, 1, [1e-3], 8, 4
     raw_path = RAW.with_name("quality-quick.json") if args.quick else RAW
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
 
     model, tokenizer = tlora.load_model("demo")
     task = load_task(TaskSpec(name="stdlib-code"))
@@ -87,7 +92,7 @@ def main() -> None:
     done = json.loads(raw_path.read_text())["runs"] if raw_path.is_file() else {}
 
     def run(label: str, lr: float, seed: int) -> dict:
-        key = f"{label}|lr={lr:g}|seed={seed}|steps={args.steps}|bs={args.batch_size}|r={args.r}"
+        key = f"{label}|lr={lr:g}|seed={seed}|steps={args.steps}|bs={args.batch_size}|r={args.r}|t={args.threads}"
         if key in done:
             return done[key]
         method = ABLATIONS[label]
@@ -102,8 +107,8 @@ def main() -> None:
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         val = tlora.heldout_loss(adapted, val_examples, progress=False)
         test = tlora.evaluate(adapted, tokenizer, test_examples, prompts=gen_rows["prompt"],
-                              references=gen_rows["response"], match=code_exact_match, max_new_tokens=64,
-                              stop_strings=STOP, progress=False)
+                              references=gen_rows["response"], match=code_exact_match,
+                              max_new_tokens=args.max_new_tokens, stop_strings=STOP, progress=False)
         result = {"label": label, "lr": lr, "seed": seed, "trainable_params": trained.trainable_params,
                   "optimizer_state_bytes": trained.optimizer_state_bytes, "train_loss": trained.train_loss,
                   "val_loss": val.loss, "test_loss": test.loss, "test_token_accuracy": test.token_accuracy,
@@ -138,13 +143,14 @@ def write_results(args, prep: dict, best_lr: dict, rows: dict, done: dict) -> No
     lines = [
         "## Quality: stdlib-code, SmolLM2-135M-Instruct (`benchmarks/quality.py`)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s); "
         f"Python {platform.python_version()}, torch {torch.__version__}. "
         f"Config rank r={args.r}, alpha={args.alpha:g}, all-linear targets (210 modules), {args.steps} steps of "
         f"batch {args.batch_size}, sequences ≤ {args.max_length} tokens, warmup 10 %, linear decay, AdamW. "
         f"TLoRA: n_calib={args.n_calib}, balanced ranks (max 2r), normalized scales. Evaluation on "
         f"{args.n_eval} test examples (loss, token accuracy over target tokens) and {args.n_generate} greedy "
-        f"generations (exact match of the body); {args.seeds} seeds (data order; LoRA's random A).",
+        f"generations of ≤ {args.max_new_tokens} tokens (exact match of the body); {args.seeds} seeds (data "
+        "order; LoRA's random A). Only examples that fit the length whole are used (none truncated).",
         "",
         "Learning rate chosen per main method on validation loss (seed 0); ablations at TLoRA's rate.",
         "",
