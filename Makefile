@@ -26,11 +26,11 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m tlora.demo
+	$(VENV)/bin/tlora run configs/demo.yaml
 
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) artifacts/models artifacts/demo
+	rm -rf $(VENV) artifacts/models artifacts/stages artifacts/mlflow artifacts/prefect artifacts/cache artifacts/work

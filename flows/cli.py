@@ -131,6 +131,13 @@ def _fail(message: str) -> None:
 
 
 def _logging() -> None:
+    """Stage lines through rich; transformers' weight-loading bars and a deprecation warning of its own off."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
     logger = logging.getLogger("flows")
     logger.setLevel(logging.INFO)

@@ -109,9 +109,14 @@ class Store:
 
     @contextmanager
     def staging(self, stage: str, key: str) -> Iterator[Path]:
-        """A fresh temporary folder to build the artifact in; removed afterwards unless it was published."""
+        """A fresh temporary folder to build the artifact in; removed afterwards unless it was published.
+
+        Call it holding :meth:`lock`: leftovers of a killed writer of the same key are removed first.
+        """
         parent = (self.local_root / "tmp") if self.remote else Path(self.base) / stage
         parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".tmp-{key[:16]}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = parent / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
