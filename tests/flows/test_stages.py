@@ -1,0 +1,71 @@
+"""The task-side stages through ``task.fn`` on a tiny model: a calibration mixture equals one pass over the union."""
+
+import pytest
+import torch
+
+from flows import prepare
+from flows.prepare import CalibrationParams, CovarianceParams, MixParams, ModelParams, SensitivityParams
+from tests.flows.conftest import context
+from tlora.covariance import collect_covariance, load_covariance
+from tlora.data import load_calibration
+from tlora.models import load_model
+from tlora.sensitivity import Scores, score_sensitivity
+from tlora.targets import find_targets
+
+
+@pytest.fixture
+def mixture(workspace, tiny_sources):
+    """Two datasets calibrated and scored on their own (8 and 6 samples), through the stage tasks."""
+    cfg = workspace(calibration={"n_calib": 8, "max_length": 32, "mixture": [
+        {"task": {"name": "tiny", "source": "json", "path": str(tiny_sources / "task"), "id_field": "id"}},
+        {"task": {"name": "tiny-b", "source": "json", "path": str(tiny_sources / "task-b"), "id_field": "id"},
+         "n_calib": 6}]})
+    ctx = context(cfg)
+    model = prepare.model.fn(ctx, ModelParams.of(cfg))
+    calibs = [prepare.calibration.fn(ctx, CalibrationParams.of(cfg, s, model)) for s in cfg.calibration_sources]
+    covs = [prepare.covariance.fn(ctx, CovarianceParams.of(cfg, model, c)) for c in calibs]
+    scores = [prepare.sensitivity.fn(ctx, SensitivityParams.of(cfg, model, c)) for c in calibs]
+    base, _ = load_model(ctx.open(model))
+    parts = [load_calibration(ctx.open(c)) for c in calibs]
+    return ctx, base, parts, covs, scores
+
+
+def union_batches(parts, weights):
+    """One pass over the union: each sample of part d appears weights[d] times (integer weights)."""
+    return [b for part, w in zip(parts, weights, strict=True) for _ in range(w) for b in part.batches(4)]
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (1, 3)])
+def test_mixed_covariance_equals_one_pass_over_the_union(mixture, weights):
+    ctx, base, parts, covs, _ = mixture
+    mixed_ref = prepare.covariance_mix.fn(ctx, MixParams(parts=covs, weights=[float(w) for w in weights]))
+    mixed = load_covariance(ctx.open(mixed_ref) / "covariance.zarr")
+    union = collect_covariance(base, union_batches(parts, weights), find_targets(base, "all-linear"), progress=False)
+    assert mixed.n_samples == sum(len(p.input_ids) for p in parts) == 14  # real samples, not weighted copies
+    assert mixed.n_tokens == sum(int(p.attention_mask.sum()) for p in parts)
+    for module in union.modules:
+        torch.testing.assert_close(mixed.matrix(module), union.matrix(module), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(load_covariance(ctx.open(covs[0]) / "covariance.zarr").matrix(module),
+                              union.matrix(module))  # sanity: the mixture is not just its first part
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (2, 1)])
+def test_mixed_scores_equal_one_pass_over_the_union(mixture, weights):
+    ctx, base, parts, _, scores = mixture
+    mixed_ref = prepare.sensitivity_mix.fn(ctx, MixParams(parts=scores, weights=[float(w) for w in weights]))
+    mixed = Scores.model_validate_json((ctx.open(mixed_ref) / "scores.json").read_text())
+    union = score_sensitivity(base, union_batches(parts, weights), "all-linear", progress=False)
+    assert mixed.n_samples == 14 and list(mixed.scores) == list(union.scores)
+    for name, value in union.scores.items():
+        assert mixed.scores[name] == pytest.approx(value, rel=1e-5)
+
+
+def test_a_new_mixture_reuses_the_parts(mixture):
+    ctx, _, _, covs, _ = mixture
+    runs_before = len(ctx.tracker().client.search_runs([ctx.tracker().experiment_id]))
+    a = prepare.covariance_mix.fn(ctx, MixParams(parts=covs, weights=[1.0, 2.0]))
+    b = prepare.covariance_mix.fn(ctx, MixParams(parts=covs, weights=[2.0, 1.0]))
+    assert a.key != b.key  # the weights are part of the key
+    runs = ctx.tracker().client.search_runs([ctx.tracker().experiment_id])
+    assert len(runs) == runs_before + 2  # two mixing runs; the parts' covariances were not recomputed
+    assert {r.data.tags["tlora.upstream.parts.0"] for r in runs[:2]} == {covs[0].run_id}
