@@ -52,8 +52,12 @@ class AllocationParams(StageParams):
         max_rank = a.max_rank
         if method.needs_spectrum:  # a rank above r_max has no singular vectors to start from
             max_rank = min(max_rank or cfg.spectrum.r_max, cfg.spectrum.r_max)
+        if not (method.name == "tlora" and method.rank):  # uniform ranks: budget and bounds play no part
+            budget, min_rank, max_rank = None, 0, None
+        else:
+            budget, min_rank = a.budget, a.min_rank
         return cls(model=model, sensitivity=sensitivity if method.needs_scores else None, targets=cfg.targets,
-                   method=method, r=a.r, alpha=a.alpha, budget=a.budget, min_rank=a.min_rank, max_rank=max_rank)
+                   method=method, r=a.r, alpha=a.alpha, budget=budget, min_rank=min_rank, max_rank=max_rank)
 
 
 def compute_allocation(p: AllocationParams, ctx: RunContext, out: Path) -> StageOutput:
