@@ -53,7 +53,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: robust when other work shares the cores; spinning OpenMP threads on an "
                         "oversubscribed machine slowed generation 100x here)")
+    p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md from the finished runs")
     args = p.parse_args()
+    if args.report:
+        raw = json.loads(RAW.read_text())
+        return write_results(argparse.Namespace(**{**raw["args"], "report": True}), raw["prep"], raw["runs"])
     if args.quick:
         args.steps, args.seeds, args.lrs, args.n_eval, args.n_generate = 3, 1, [1e-3], 8, 4
     raw_path = RAW.with_name("quality-quick.json") if args.quick else RAW
@@ -123,15 +127,26 @@ def main() -> None:
     best_lr = {}
     for label in MAIN:  # learning rate chosen on validation loss, seed 0
         best_lr[label] = min(args.lrs, key=lambda lr, label=label: run(label, lr, 0)["val_loss"])
+    for label in ABLATIONS:
+        for seed in range(args.seeds):
+            run(label, best_lr.get(label, best_lr["tlora"]), seed)
+    if not args.quick:
+        write_results(args, prep, done)
+
+
+def write_results(args, prep: dict, done: dict) -> None:
+    """The quality section of RESULTS.md from the finished runs (a partial table names what is missing)."""
+    runs = list(done.values())
+    seed0 = {(r["label"], r["lr"]): r["val_loss"] for r in runs if r["seed"] == 0}
+    best_lr = {label: min((lr for lr in args.lrs if (label, lr) in seed0), key=lambda lr, lb=label: seed0[lb, lr])
+               for label in MAIN if any((label, lr) in seed0 for lr in args.lrs)}
     rows = {}
     for label in ABLATIONS:
-        lr = best_lr.get(label, best_lr["tlora"])
-        rows[label] = [run(label, lr, seed) for seed in range(args.seeds)]
-    if not args.quick:
-        write_results(args, prep, best_lr, rows, done)
+        lr = best_lr.get(label, best_lr.get("tlora"))
+        found = sorted((r for r in runs if r["label"] == label and r["lr"] == lr), key=lambda r: r["seed"])
+        if found:
+            rows[label] = found
 
-
-def write_results(args, prep: dict, best_lr: dict, rows: dict, done: dict) -> None:
     def ms(values):
         values = [v for v in values if v is not None]
         if len(values) < 2:
@@ -139,7 +154,8 @@ def write_results(args, prep: dict, best_lr: dict, rows: dict, done: dict) -> No
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
     lora_params = rows["lora"][0]["trainable_params"]
-    order = ["lora", "pissa", "tlora", "+Init", "+RA", "+SA", "+Init+RA", "+Init+SA", "+RA+SA"]
+    order = [label for label in ("lora", "pissa", "tlora", "+Init", "+RA", "+SA", "+Init+RA", "+Init+SA", "+RA+SA")
+             if label in rows]
     lines = [
         "## Quality: stdlib-code, SmolLM2-135M-Instruct (`benchmarks/quality.py`)",
         "",
@@ -154,24 +170,24 @@ def write_results(args, prep: dict, best_lr: dict, rows: dict, done: dict) -> No
         "",
         "Learning rate chosen per main method on validation loss (seed 0); ablations at TLoRA's rate.",
         "",
-        "| method | trainable params | × LoRA | lr | test loss | token accuracy | exact match | train s (wall) |"
-        " train CPU s |",
-        "|---|---:|---:|---:|---|---|---|---:|---:|",
+        "| method | trainable params | × LoRA | lr | seeds | test loss | token accuracy | exact match |"
+        " train s (wall) | train CPU s |",
+        "|---|---:|---:|---:|---:|---|---|---|---:|---:|",
     ]
     for label in order:
         rs = rows[label]
         lines.append(
             f"| {label} | {rs[0]['trainable_params']:,} | {rs[0]['trainable_params'] / lora_params:.2f} | "
-            f"{rs[0]['lr']:g} | {ms([r['test_loss'] for r in rs])} | {ms([r['test_token_accuracy'] for r in rs])} | "
+            f"{rs[0]['lr']:g} | {len(rs)} | {ms([r['test_loss'] for r in rs])} | "
+            f"{ms([r['test_token_accuracy'] for r in rs])} | "
             f"{ms([r['test_exact_match'] for r in rs])} | {statistics.mean(r['train_wall_s'] for r in rs):.0f} | "
             f"{statistics.mean(r['train_cpu_s'] for r in rs):.0f} |")
     lines += ["", "Validation loss per learning rate (seed 0):", "",
               "| method | " + " | ".join(f"lr={lr:g}" for lr in args.lrs) + " |",
               "|---|" + "---:|" * len(args.lrs)]
     for label in MAIN:
-        vals = [next(r for r in done.values() if r["label"] == label and r["lr"] == lr and r["seed"] == 0)
-                for lr in args.lrs]
-        lines.append(f"| {label} | " + " | ".join(f"{v['val_loss']:.4f}" for v in vals) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{seed0[label, lr]:.4f}" if (label, lr) in seed0 else "–"
+                                                  for lr in args.lrs) + " |")
     lines += ["", "TLoRA preparation (once for all variants): " + ", ".join(
         f"{k.removesuffix('_s')} {v:.1f} s" for k, v in prep.items()), ""]
     update_section(HERE / "RESULTS.md", "## Quality:", "\n".join(lines))
