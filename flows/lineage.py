@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import os
 import subprocess
 import time
 import warnings
@@ -60,8 +61,6 @@ class Node(BaseModel):
 
 def tracking_uri(configured: str | None, root: str | Path) -> str:
     """The configured URI, else ``$MLFLOW_TRACKING_URI``, else SQLite under ``<root>/mlflow``."""
-    import os
-
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri

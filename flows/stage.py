@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,7 +70,7 @@ class StageParams(BaseModel):
     def key_config(self) -> dict[str, Any]:
         """The settings that determine the artifact, as JSON: everything but inputs and unkeyed fields."""
         skip = {name for name, field in type(self).model_fields.items()
-                if field.json_schema_extra == UNKEYED or "StageResult" in str(field.annotation)}
+                if field.json_schema_extra == UNKEYED or _mentions(field.annotation, StageResult)}
         return self.model_dump(mode="json", exclude=skip)
 
     def key(self, stage: str) -> str:
@@ -205,6 +205,11 @@ def _durable(ctx: RunContext, tracker: Tracker, stage: str, key: str, uri: str) 
         return None
     log.info("%s %s found through MLflow at %s", stage, key[:12], other)
     return StageResult(stage=stage, key=key, uri=other, run_id=manifest.run_id, parent_run_id=manifest.parent_run_id)
+
+
+def _mentions(annotation: Any, cls: type) -> bool:
+    """Whether a type annotation is ``cls`` or contains it (``StageResult | None``, ``list[StageResult]``)."""
+    return annotation is cls or any(_mentions(arg, cls) for arg in get_args(annotation))
 
 
 @functools.cache
