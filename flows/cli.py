@@ -138,11 +138,11 @@ def _logging() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
     logger = logging.getLogger("flows")
     logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
     logger.propagate = False
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=console, show_path=False, show_time=False, markup=False))
 
 
 def _report(result) -> None:

@@ -5,6 +5,7 @@ Prefect's home and the environment defaults are set here, at import, before ``fl
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from flows.stage import RunContext
 from tests.conftest import build_tiny, build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,13 +21,11 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.config import PipelineConfig
 from flows.lineage import walk
-from flows.pipeline import pipeline, sweep
+from flows.pipeline import pipeline
 from flows.store import read_manifest, verify_folder
 from tests.flows.conftest import cli_env, context, tiny_config, write_yaml
-from tlora.allocation import Budget
 from tlora.covariance import load_covariance
 from tlora.data import load_calibration
-from tlora.methods import Method
 
 TASK_SIDE = ("model", "calibration", "covariance", "spectrum", "sensitivity")
 PER_BUDGET = ("allocation", "init", "train", "evaluate", "merge")
@@ -170,18 +169,24 @@ def test_a_damaged_or_deleted_artifact_is_recomputed_by_the_next_run(runs):
         assert again[stage].reused and again[stage].run_id == first[stage].run_id, stage
 
 
-def test_a_sweep_shares_the_task_side_across_budgets_and_methods(prefect_server, workspace):
+def test_a_sweep_shares_the_task_side_across_budgets_and_methods(prefect_server, workspace, tmp_path):
     cfg = workspace()
-    result = sweep(cfg, budgets=[None, Budget(rank=NEW_BUDGET)], methods=[Method(), Method(name="lora")])
-    assert [(b.method, b.budget) for b in result.branches] == [
-        ("tlora", None), ("tlora", Budget(rank=NEW_BUDGET)), ("lora", None), ("lora", Budget(rank=NEW_BUDGET))]
-    stages = [s.stage for s in result.stages()]
-    assert [stages.count(s) for s in TASK_SIDE] == [1, 1, 1, 1, 1]
-    tlora, lora = result.branches[0], result.branches[2]
-    assert result.branches[1].train.key != tlora.train.key  # the budget changes TLoRA's adapter...
-    assert result.branches[3].train.key == lora.train.key  # ...but not LoRA's uniform ranks
-    allocation = context(cfg).tracker().client.get_run(lora.allocation.run_id)
-    assert "tlora.upstream.sensitivity" not in allocation.data.tags  # LoRA allocates without scores
+    args = ["sweep", str(write_yaml(tmp_path / "tiny.yaml", cfg)), "--budget", "default", "--budget", str(NEW_BUDGET),
+            "--method", "tlora", "--method", "lora", "--no-progress"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert result.output.count("  adapter ") == 4  # one report per (budget, method)
+    tracker = context(cfg).tracker()
+    (parent,) = [r for r in tracker.client.search_runs([tracker.experiment_id]) if "tlora.stage" not in r.data.tags]
+    children = tracker.client.search_runs([tracker.experiment_id],
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    counts = Counter(r.data.tags["tlora.stage"] for r in children)
+    assert [counts[s] for s in TASK_SIDE] == [1, 1, 1, 1, 1]  # computed once for all four branches
+    # TLoRA's two budgets are two adapters; LoRA's uniform ranks ignore the budget, so its two are one.
+    assert [counts[s] for s in PER_BUDGET] == [3, 3, 3, 3, 3]
+    allocations = [r for r in children if r.data.tags["tlora.stage"] == "allocation"]
+    lora = [r for r in allocations if r.data.params["method.name"] == "lora"]
+    assert len(lora) == 1 and "tlora.upstream.sensitivity" not in lora[0].data.tags  # LoRA allocates without scores
 
 
 def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
