@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -43,8 +44,10 @@ def run(config: ConfigPath, set_: Overrides = None, progress: Progress = True) -
     _logging()
     from flows.pipeline import pipeline
 
+    start = time.perf_counter()
     result = pipeline(cfg, progress=progress)
     _report(result)
+    console.print(f"done in {time.perf_counter() - start:.0f} s")
 
 
 @app.command()
@@ -70,7 +73,9 @@ def sweep(
     _logging()
     from flows.pipeline import sweep as sweep_flow
 
+    start = time.perf_counter()
     _report(sweep_flow(cfg, budgets, methods, progress=progress))
+    console.print(f"done in {time.perf_counter() - start:.0f} s")
 
 
 @app.command()
@@ -163,7 +168,9 @@ def _report(result) -> None:
         console.print(f"  metrics       {_short(b.evaluate.uri)}/metrics.json  (loss {m['loss']:.4f}, "
                       f"perplexity {m['perplexity']:.2f}{em})")
         console.print(f"  lineage       tlora lineage {_short(b.train.uri)}")
-    console.print(f"\nMLflow UI: mlflow ui --backend-store-uri {_short_uri(result.tracking_uri)}"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    mlflow_cmd = _short(str(mlflow)) if mlflow.exists() else "mlflow"
+    console.print(f"\nMLflow UI: {mlflow_cmd} ui --backend-store-uri {_short_uri(result.tracking_uri)}"
                   f"   (parent run {result.parent_run_id})")
 
 
