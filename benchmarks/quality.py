@@ -54,13 +54,21 @@ def main() -> None:
                    help="torch threads (1: robust when other work shares the cores; spinning OpenMP threads on an "
                         "oversubscribed machine slowed generation 100x here)")
     p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md from the finished runs")
+    p.add_argument("--labels", nargs="+", choices=sorted(ABLATIONS), default=None,
+                   help="train only these methods (after the learning-rate selection), e.g. to split the table "
+                        "over two processes with --part")
+    p.add_argument("--part", default="", help="suffix of this process's raw results file (quality<part>.json)")
     args = p.parse_args()
-    if args.report:
-        raw = json.loads(RAW.read_text())
-        return write_results(argparse.Namespace(**{**raw["args"], "report": True}), raw["prep"], raw["runs"])
+    if args.report:  # every part's finished runs; the preparation figures of the main part
+        parts = [json.loads(f.read_text()) for f in sorted(RAW.parent.glob("quality*.json")) if "quick" not in f.name]
+        main_part = next(part for part in parts if not part["args"].get("part"))
+        runs = {k: v for part in parts for k, v in part["runs"].items()}
+        return write_results(argparse.Namespace(**main_part["args"]), main_part["prep"], runs)
     if args.quick:
         args.steps, args.seeds, args.lrs, args.n_eval, args.n_generate = 3, 1, [1e-3], 8, 4
-    raw_path = RAW.with_name("quality-quick.json") if args.quick else RAW
+    raw_path = RAW.with_name(f"quality{args.part}-quick.json" if args.quick else f"quality{args.part}.json")
+    if not raw_path.is_file() and RAW.is_file():  # a new part starts from the finished runs of the main one
+        raw_path.write_text(RAW.read_text())
     torch.set_num_threads(args.threads)
 
     model, tokenizer = tlora.load_model("demo")
@@ -127,7 +135,7 @@ def main() -> None:
     best_lr = {}
     for label in MAIN:  # learning rate chosen on validation loss, seed 0
         best_lr[label] = min(args.lrs, key=lambda lr, label=label: run(label, lr, 0)["val_loss"])
-    for label in ABLATIONS:
+    for label in args.labels or ABLATIONS:
         for seed in range(args.seeds):
             run(label, best_lr.get(label, best_lr["tlora"]), seed)
     if not args.quick:
