@@ -121,6 +121,7 @@ class TrainParams(StageParams):
     precision: str
     task: TaskSpec = Field(json_schema_extra=UNKEYED)
     logging_steps: int = Field(10, json_schema_extra=UNKEYED)
+    save_steps: int | None = Field(None, json_schema_extra=UNKEYED)
     register_as: str | None = Field(None, json_schema_extra=UNKEYED)
 
     @classmethod
@@ -131,6 +132,7 @@ class TrainParams(StageParams):
                    learning_rate=t.learning_rate, batch_size=t.batch_size, grad_accum=t.grad_accum,
                    scheduler=t.scheduler, warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay,
                    max_length=t.max_length, seed=t.seed, precision=t.precision, logging_steps=t.logging_steps,
+                   save_steps=t.save_steps,
                    register_as=name.strip("-") if cfg.tracking.register_model else None)
 
 
@@ -149,7 +151,8 @@ def compute_train(p: TrainParams, ctx: RunContext, out: Path) -> StageOutput:
     result = train_adapter(adapted, tokenizer, examples, output_dir=work, max_steps=p.max_steps,
                            learning_rate=p.learning_rate, batch_size=p.batch_size, grad_accum=p.grad_accum,
                            scheduler=p.scheduler, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
-                           seed=p.seed, logging_steps=p.logging_steps, precision=p.precision, progress=ctx.progress)
+                           seed=p.seed, logging_steps=p.logging_steps, save_steps=p.save_steps, precision=p.precision,
+                           progress=ctx.progress)
     save_adapters(adapted, out, read_adapter_info(init_dir))
     last = get_last_checkpoint(str(work))
     shutil.copyfile(Path(last) / "trainer_state.json", out / "trainer_state.json")

@@ -92,6 +92,8 @@ class TrainConfig(Section):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     logging_steps: int = Field(10, gt=0)
+    save_steps: int | None = Field(None, gt=0)
+    """Checkpoint every this many steps (default: at the end only); a killed run resumes from the last one."""
 
 
 class EvaluateConfig(Section):

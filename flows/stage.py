@@ -129,7 +129,7 @@ def stage_task(stage: str, compute: Compute, *, name: str | None = None):
     def run(ctx: RunContext, params: StageParams) -> StageResult:
         return run_stage(ctx, stage, params, compute)
 
-    run.__name__ = name or stage
+    run.__name__ = run.__qualname__ = name or stage
     run.__doc__ = compute.__doc__
     return task(run, name=name or stage, cache_key_fn=functools.partial(prefect_cache_key, stage),
                 persist_result=True, result_serializer="json")
