@@ -9,6 +9,10 @@ interrupted benchmark resumes where it stopped.
 
     python benchmarks/quality.py            # the full table (about an hour on 2 CPU cores)
     python benchmarks/quality.py --quick    # a smoke run of a few minutes
+    # the same table split over two processes (one per core), then one report from both parts:
+    python benchmarks/quality.py --labels tlora lora pissa +Init +SA
+    python benchmarks/quality.py --labels +RA +RA+SA +Init+RA +Init+SA --part=_ablations
+    python benchmarks/quality.py --report
 """
 
 from __future__ import annotations
