@@ -35,7 +35,6 @@ from tlora.data import (
 )
 from tlora.stdlib_code import code_exact_match, mine_stdlib_code, normalize_code
 
-DEMO_TOKENIZER = Path("artifacts/models/SmolLM2-135M-Instruct")
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -246,11 +245,13 @@ def test_tokenize_dataset_rows_match_examples(tmp_path):
     assert len(rows) == len(task["validation"])
 
 
-@pytest.mark.skipif(not (DEMO_TOKENIZER / "tokenizer.json").is_file(), reason="demo model not converted")
+@pytest.mark.slow
 def test_demo_tokenizer_on_stdlib_code(task):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(DEMO_TOKENIZER)
+    from tlora.models import ensure_demo_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_demo_model())  # converts the shipped GGUF once (~20 s)
     rows = task["validation"].select(range(20))
     for row, ex in zip(rows, tokenize_examples(tok, rows["prompt"][:], rows["response"][:], max_length=2048),
                        strict=True):
