@@ -183,7 +183,7 @@ def _pair(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str], *, max
 
 
 def _is_placeholder(stmt: ast.stmt) -> bool:
-    """``pass``, ``...`` or ``raise NotImplementedError``: nothing for a model to learn."""
+    """A body that is only `pass`, `...` or a raise of NotImplementedError: nothing for a model to learn."""
     if isinstance(stmt, ast.Pass):
         return True
     if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and stmt.value.value is Ellipsis:
