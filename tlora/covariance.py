@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import zarr
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
+from tlora._zarr_store import open_complete, read_float64, writing
 from tlora.models import model_fingerprint as fingerprint_model
 from tlora.targets import Targets, TargetSpec, find_targets, get_module
 
@@ -209,19 +208,17 @@ def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = "au
     ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
     ``compressors`` is passed to zarr's ``create_array`` (``"auto"``: zarr's default, Zstd).
     """
-    root = zarr.open_group(str(path), mode="w")
-    root.attrs["complete"] = False
     names = {group: _array_name(group, i) for i, group in enumerate(cov.sums)}
-    for group, s in cov.sums.items():
-        d = s.shape[0]
-        arr = root.create_array(name=names[group], shape=tuple(s.shape), dtype="float64",
-                                chunks=(min(d, _CHUNK), min(d, _CHUNK)), compressors=compressors)
-        arr[...] = s.numpy()
-    root.attrs.update({
-        "modules": {m: names[g] for m, g in cov.modules.items()}, "n_tokens": cov.n_tokens,
-        "n_samples": cov.n_samples, "centering": cov.centering, "model_fingerprint": cov.model_fingerprint,
-        "data_fingerprint": cov.data_fingerprint})
-    root.attrs["complete"] = True
+    with writing(path) as root:
+        for group, s in cov.sums.items():
+            d = s.shape[0]
+            arr = root.create_array(name=names[group], shape=tuple(s.shape), dtype="float64",
+                                    chunks=(min(d, _CHUNK), min(d, _CHUNK)), compressors=compressors)
+            arr[...] = s.numpy()
+        root.attrs.update({
+            "modules": {m: names[g] for m, g in cov.modules.items()}, "n_tokens": cov.n_tokens,
+            "n_samples": cov.n_samples, "centering": cov.centering, "model_fingerprint": cov.model_fingerprint,
+            "data_fingerprint": cov.data_fingerprint})
 
 
 def load_covariance(path: str | Path) -> Covariance:
@@ -231,18 +228,10 @@ def load_covariance(path: str | Path) -> Covariance:
         ValueError: no store at ``path``, a store whose ``complete`` attribute is not true, or one with
             missing or malformed attributes.
     """
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except FileNotFoundError as err:
-        raise ValueError(f"no covariance store at {path}") from err
-    attrs = root.attrs.asdict()
-    if attrs.get("complete") is not True:
-        raise ValueError(f"covariance store {path} is incomplete (complete={attrs.get('complete')!r}): "
-                         "its write was interrupted; recompute it")
+    root, attrs = open_complete(path, "covariance")
     try:
         modules = attrs["modules"]
-        sums = {name: torch.from_numpy(np.asarray(root[name][...], dtype=np.float64))
-                for name in dict.fromkeys(modules.values())}
+        sums = {name: read_float64(root[name]) for name in dict.fromkeys(modules.values())}
         stats = CovarianceStats.model_validate(
             {k: attrs[k] for k in ("modules", "n_tokens", "n_samples", "centering", "model_fingerprint",
                                    "data_fingerprint")} | {"dims": {g: s.shape[0] for g, s in sums.items()}})

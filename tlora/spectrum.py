@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import zarr
 from torch import nn
 
+from tlora._zarr_store import open_complete, read_float64, writing
 from tlora.covariance import Covariance
 from tlora.models import model_fingerprint
 from tlora.targets import get_module, weight_out_in
@@ -132,19 +131,15 @@ def save_spectrum(path: str | Path, spectrum: Spectrum, *, compressors: Any = "a
     ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
     ``compressors`` is passed to zarr's ``create_array`` (``"auto"``: zarr's default, Zstd).
     """
-    root = zarr.open_group(str(path), mode="w")
-    root.attrs["complete"] = False
-    for name, vec in spectrum.vectors.items():
-        node = root.create_group(name)
-        node.create_array(name="vectors", shape=tuple(vec.shape), dtype="float64", chunks=tuple(vec.shape),
-                           compressors=compressors)
-        node["vectors"][...] = vec.numpy()
-        val = spectrum.values[name]
-        node.create_array(name="values", shape=tuple(val.shape), dtype="float64", chunks=tuple(val.shape),
-                           compressors=compressors)
-        node["values"][...] = val.numpy()
-    root.attrs.update({"modules": list(spectrum.vectors), "r_max": spectrum.r_max, "solver": spectrum.solver,
-                       "model_fingerprint": spectrum.model_fingerprint})
+    with writing(path) as root:
+        for name, vec in spectrum.vectors.items():
+            node = root.create_group(name)
+            for key, t in (("vectors", vec), ("values", spectrum.values[name])):
+                node.create_array(name=key, shape=tuple(t.shape), dtype="float64", chunks=tuple(t.shape),
+                                  compressors=compressors)
+                node[key][...] = t.numpy()
+        root.attrs.update({"modules": list(spectrum.vectors), "r_max": spectrum.r_max, "solver": spectrum.solver,
+                           "model_fingerprint": spectrum.model_fingerprint})
     root.attrs["complete"] = True
 
 
@@ -154,18 +149,11 @@ def load_spectrum(path: str | Path) -> Spectrum:
     Raises:
         ValueError: no store at ``path``, an incomplete store, or one with missing attributes or arrays.
     """
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except FileNotFoundError as err:
-        raise ValueError(f"no spectrum store at {path}") from err
-    attrs = root.attrs.asdict()
-    if attrs.get("complete") is not True:
-        raise ValueError(f"spectrum store {path} is incomplete (complete={attrs.get('complete')!r}): "
-                         "its write was interrupted; recompute it")
+    root, attrs = open_complete(path, "spectrum")
     try:
         names = attrs["modules"]
-        vectors = {n: torch.from_numpy(np.asarray(root[f"{n}/vectors"][...], dtype=np.float64)) for n in names}
-        values = {n: torch.from_numpy(np.asarray(root[f"{n}/values"][...], dtype=np.float64)) for n in names}
+        vectors = {n: read_float64(root[f"{n}/vectors"]) for n in names}
+        values = {n: read_float64(root[f"{n}/values"]) for n in names}
         return Spectrum(vectors=vectors, values=values, r_max=int(attrs["r_max"]), solver=dict(attrs["solver"]),
                         model_fingerprint=attrs["model_fingerprint"])
     except KeyError as err:
