@@ -19,11 +19,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from flows.config import PipelineConfig
 from flows.lineage import Dataset
-from flows.prepare import fitting_rows, load_base, task_identity, task_splits
+from flows.prepare import load_base, task_identity, task_splits
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
 from tlora.adapters import AdapterInfo, load_adapters, read_adapter_info, save_adapters
 from tlora.allocation import Allocation, Budget
-from tlora.data import TaskSpec, tokenize_dataset
+from tlora.data import TaskSpec, fitting_rows, tokenize_dataset
 from tlora.evaluate import evaluate as evaluate_model
 from tlora.evaluate import merge_adapters
 from tlora.methods import Method, build_adapter, plan_allocation

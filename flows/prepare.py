@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from datasets import Dataset as HFDataset
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from zarr.codecs import BloscCodec
@@ -27,7 +26,15 @@ from flows.config import CalibrationSource, PipelineConfig
 from flows.lineage import Dataset
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
 from tlora.covariance import Covariance, collect_covariance, load_covariance, merge_covariances, save_covariance
-from tlora.data import TaskSpec, build_calibration, load_calibration, load_task, sample_calibration, save_calibration
+from tlora.data import (
+    TaskSpec,
+    build_calibration,
+    fitting_rows,
+    load_calibration,
+    load_task,
+    sample_calibration,
+    save_calibration,
+)
 from tlora.models import convert_gguf, demo_gguf_path, ensure_demo_model, load_model, model_fingerprint
 from tlora.sensitivity import Scores, score_sensitivity
 from tlora.spectrum import compute_spectrum, save_spectrum
@@ -273,19 +280,6 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 def task_splits(spec: TaskSpec, root: str):
     """The task's splits (stdlib-code mining is cached under ``<root>/cache/tasks``), loaded once per process."""
     return _task_splits(spec.model_dump_json(), str(Path(root).resolve() / "cache" / "tasks"))
-
-
-def fitting_rows(split: HFDataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
-    """Rows whose prompt (with the tokenizer's special prefix) leaves at least one target token in ``max_length``.
-
-    Raises:
-        ValueError: no row fits.
-    """
-    lengths = [len(ids) for ids in tokenizer(split["prompt"][:])["input_ids"]]
-    rows = [i for i, n in enumerate(lengths) if n < max_length]
-    if not rows:
-        raise ValueError(f"no example's prompt fits in max_length={max_length} tokens; raise max_length")
-    return rows
 
 
 def source_identity(source: str) -> str:

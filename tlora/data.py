@@ -209,6 +209,19 @@ def tokenize_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, ma
     return Dataset.from_dict({k: [row[k] for row in rows] for k in _TENSORS})
 
 
+def fitting_rows(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
+    """Rows whose prompt leaves at least one target token in ``max_length`` (the rest would be refused).
+
+    Raises:
+        ValueError: no row fits.
+    """
+    lengths = [len(ids) for ids in tokenizer(split["prompt"][:])["input_ids"]]
+    rows = [i for i, n in enumerate(lengths) if n < max_length]
+    if not rows:
+        raise ValueError(f"no example's prompt fits in max_length={max_length} tokens; raise max_length")
+    return rows
+
+
 def sample_calibration(train: Dataset, n_calib: int, seed: int) -> list[int]:
     """Draw ``n_calib`` distinct row indices of the train split with a seeded numpy Generator, in draw order."""
     if not 0 < n_calib <= len(train):

@@ -24,6 +24,7 @@ from tlora.data import (
     TaskSpec,
     build_calibration,
     compute_metric,
+    fitting_rows,
     load_calibration,
     load_task,
     sample_calibration,
@@ -315,3 +316,16 @@ def test_calibration_artifact_round_trip_and_checksum(task, tmp_path):
     save_file(tampered, folder / "calibration.safetensors")
     with pytest.raises(ValueError, match="data_fingerprint"):
         load_calibration(folder)
+
+
+def test_fitting_rows_keeps_prompts_that_leave_a_target_token(tmp_path):
+    tok = make_tokenizer()
+    task = load_task(TaskSpec(name="mine", source="json", path=str(write_jsonl(tmp_path / "m.jsonl", 40))))
+    split = task["train"]
+    lengths = [len(tok(p)["input_ids"]) for p in split["prompt"]]
+    limit = sorted(lengths)[len(lengths) // 2] + 1  # about half the prompts fit
+    rows = fitting_rows(split, tok, limit)
+    assert rows == [i for i, n in enumerate(lengths) if n < limit] and 0 < len(rows) < len(split)
+    tokenize_examples(tok, split.select(rows)["prompt"], split.select(rows)["response"], max_length=limit)
+    with pytest.raises(ValueError, match="no example's prompt fits"):
+        fitting_rows(split, tok, min(lengths))
