@@ -34,6 +34,9 @@ from tlora.data import TaskSpec, build_calibration, load_task, tokenize_examples
 from tlora.methods import ABLATIONS, plan_allocation
 from tlora.stdlib_code import code_exact_match
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import update_section
+
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "results" / "quality.json"
 MAIN = ("lora", "pissa", "tlora")
@@ -206,20 +209,8 @@ def write_results(args, prep: dict, done: dict) -> None:
                                                   for lr in args.lrs) + " |")
     lines += ["", "TLoRA preparation (once for all variants): " + ", ".join(
         f"{k.removesuffix('_s')} {v:.1f} s" for k, v in prep.items()), ""]
-    update_section(HERE / "RESULTS.md", "## Quality:", "\n".join(lines))
+    update_section("## Quality:", "\n".join(lines))
     print("\n".join(lines))
-
-
-def update_section(path: Path, heading: str, text: str) -> None:
-    """Replace the section starting with ``heading`` (up to the next ``## ``) in ``path``, or append it."""
-    old = path.read_text() if path.is_file() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
-    start = old.find(heading)
-    if start < 0:
-        new = old.rstrip() + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + 1)
-        new = old[:start] + text + (old[end:] if end >= 0 else "")
-    path.write_text(new.rstrip() + "\n")
 
 
 if __name__ == "__main__":

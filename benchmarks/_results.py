@@ -1,0 +1,50 @@
+"""Shared by the benchmark scripts: one section of RESULTS.md per script, and the machine line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def update_section(heading: str, text: str, path: Path = RESULTS) -> None:
+    """Replace the section starting with ``heading`` (up to the next ``## ``) in ``path``, or append it."""
+    old = path.read_text() if path.is_file() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+    start = old.find(heading)
+    if start < 0:
+        new = old.rstrip() + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + 1)
+        new = old[:start] + text + (old[end:] if end >= 0 else "")
+    path.write_text(new.rstrip() + "\n")
+
+
+def machine_line(device: str = "cpu") -> str:
+    """Machine, thread count and versions, for the head of a section."""
+    import numpy
+    import peft
+    import torch
+    import transformers
+
+    where = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        where += f", {torch.cuda.get_device_name()}"
+    return (f"Machine: {where}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft.__version__}, numpy {numpy.__version__}.")
+
+
+def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
