@@ -95,7 +95,9 @@ class Tracker:
         self.client = MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
+            # A local database keeps run artifacts beside it; a tracking server decides for itself (e.g. S3).
+            local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+            location = Path(artifact_root).resolve().as_uri() if artifact_root is not None and local else None
             try:
                 self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
             except MlflowException:  # another process created it first
