@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 from transformers.trainer_utils import get_last_checkpoint
 
+from flows import plots
 from flows.config import PipelineConfig
 from flows.lineage import Dataset
 from flows.prepare import load_base, task_identity, task_splits
@@ -71,6 +72,8 @@ def compute_allocation(p: AllocationParams, ctx: RunContext, out: Path) -> Stage
     allocation = plan_allocation(p.method, scores, shapes, r=p.r, alpha=p.alpha, budget=p.budget,
                                  min_rank=p.min_rank, max_rank=p.max_rank)
     (out / "allocation.json").write_text(allocation.model_dump_json(indent=2))
+    ranks = {name: m.rank for name, m in allocation.modules.items()}
+    plots.save(plots.allocation_figure(ranks, scores, title=p.method.label), out, "allocation")
     trainable = "B" if p.method.needs_spectrum else "AB"
     return StageOutput(metrics={"total_rank": allocation.budget_rank, "n_kept": len(allocation.kept),
                                 "trainable_params": allocation.trainable_params(shapes, trainable)})
@@ -156,6 +159,7 @@ def compute_train(p: TrainParams, ctx: RunContext, out: Path) -> StageOutput:
     save_adapters(adapted, out, read_adapter_info(init_dir))
     last = get_last_checkpoint(str(work))
     shutil.copyfile(Path(last) / "trainer_state.json", out / "trainer_state.json")
+    plots.save(plots.loss_figure(json.loads((out / "trainer_state.json").read_text())["log_history"]), out, "loss")
     shutil.move(work, out / "checkpoints")
     (out / "train_result.json").write_text(result.model_dump_json(indent=2))
     dataset = Dataset(name=f"{p.task.name}-train", context="train", source=json.dumps(p.task_id, sort_keys=True),

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from zarr.codecs import BloscCodec
 
+from flows import plots
 from flows.config import CalibrationSource, PipelineConfig
 from flows.lineage import Dataset
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
@@ -201,6 +202,7 @@ def compute_spectrum_stage(p: SpectrumParams, ctx: RunContext, out: Path) -> Sta
     cov = load_covariance(ctx.open(p.covariance) / "covariance.zarr")
     spectrum = compute_spectrum(model, cov, p.r_max, solver=p.solver)
     save_spectrum(out / "spectrum.zarr", spectrum, compressors=CODEC)
+    plots.save(plots.spectrum_figure({m: v.tolist() for m, v in spectrum.values.items()}), out, "spectrum")
     n_exact = sum(s == "exact" for s in spectrum.solver.values())
     return StageOutput(metrics={"n_modules": len(spectrum.vectors), "n_exact": n_exact,
                                 "n_gram": len(spectrum.vectors) - n_exact})
