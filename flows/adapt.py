@@ -21,6 +21,7 @@ from flows import plots
 from flows.config import PipelineConfig
 from flows.lineage import Dataset
 from flows.prepare import load_base, task_identity, task_splits
+from flows.progress import ProgressCallback, stage_progress
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
 from tlora.adapters import AdapterInfo, load_adapters, read_adapter_info, save_adapters
 from tlora.allocation import Allocation, Budget
@@ -151,11 +152,12 @@ def compute_train(p: TrainParams, ctx: RunContext, out: Path) -> StageOutput:
     train_split = train_split.select(fitting_rows(train_split, tokenizer, p.max_length))
     examples = tokenize_dataset(train_split, tokenizer, max_length=p.max_length)
     work = Path(ctx.root) / "work" / "train" / p.key("train")
-    result = train_adapter(adapted, tokenizer, examples, output_dir=work, max_steps=p.max_steps,
-                           learning_rate=p.learning_rate, batch_size=p.batch_size, grad_accum=p.grad_accum,
-                           scheduler=p.scheduler, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
-                           seed=p.seed, logging_steps=p.logging_steps, save_steps=p.save_steps, precision=p.precision,
-                           progress=ctx.progress)
+    with stage_progress("train", "training", terminal=ctx.progress) as on_progress:
+        result = train_adapter(adapted, tokenizer, examples, output_dir=work, max_steps=p.max_steps,
+                               learning_rate=p.learning_rate, batch_size=p.batch_size, grad_accum=p.grad_accum,
+                               scheduler=p.scheduler, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+                               seed=p.seed, logging_steps=p.logging_steps, save_steps=p.save_steps,
+                               precision=p.precision, progress=False, callbacks=[ProgressCallback(on_progress)])
     save_adapters(adapted, out, read_adapter_info(init_dir))
     last = get_last_checkpoint(str(work))
     shutil.copyfile(Path(last) / "trainer_state.json", out / "trainer_state.json")

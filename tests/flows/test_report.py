@@ -110,3 +110,17 @@ def test_latest_and_bad_ids(sweeps, tmp_path):
                                       sweeps.first.tracking_uri], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "error" in result.output, result.output
     assert "<table id='quality'>" in render(collect(sweeps.client, [sweeps.second.parent_run_id]))
+
+
+def test_long_stages_left_prefect_progress_artifacts_at_100(sweeps):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["covariance-progress", "sensitivity-progress", "train-progress"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    by_key = {k: [a for a in found if a.key == k] for k in keys}
+    assert len(by_key["train-progress"]) >= 3  # one per trained branch (tlora, lora, tlora at rank 20)
+    for key, artifacts in by_key.items():
+        assert artifacts and all(a.type == "progress" and float(a.data) == 100.0 for a in artifacts), key
+        assert all(a.task_run_id is not None for a in artifacts), key
