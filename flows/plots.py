@@ -11,6 +11,7 @@ by :func:`flows.stage.run_stage`. matplotlib's Agg backend only: no display is n
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,8 +60,8 @@ def allocation_figure(ranks: Mapping[str, int], scores: Mapping[str, float] | No
     panels = ([("sensitivity score", scores, "viridis", "{:.2g}")] if scores else []) + [
         ("allocated rank", ranks, "magma", "{:.0f}")]
     layers, kinds, _ = layer_grid(ranks)
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.1 * len(kinds) * len(panels),
-                                                      1.4 + 0.32 * len(layers)), squeeze=False)
+    width, height = max(3.6, 1.6 + 0.55 * len(kinds)), max(2.8, 1.6 + 0.28 * len(layers))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
     for ax, (label, values, cmap, fmt) in zip(axes[0], panels, strict=True):
         rows, cols, grid = layer_grid(values)
         image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap)
@@ -71,7 +72,10 @@ def allocation_figure(ranks: Mapping[str, int], scores: Mapping[str, float] | No
         if grid.size <= 400:  # numbers stay legible up to ~20 × 20 cells
             for (i, j), v in np.ndenumerate(grid):
                 if not np.isnan(v):
-                    ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="white")
+                    r, g, b, _ = image.cmap(image.norm(v))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5  # dark cell: white text
+                    ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6,
+                            color="white" if dark else "black")
         fig.colorbar(image, ax=ax, fraction=0.05)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -116,6 +120,22 @@ def loss_figure(log_history: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
+def loss_comparison_figure(series: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
+    """Training loss per step of several runs on one axis, one line per label."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in series.items():
+        if points:
+            steps, losses = zip(*sorted(points), strict=True)
+            ax.plot(steps, losses, marker=".", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title("training loss by method and budget", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def save(fig: Figure, folder: str | Path, name: str) -> Path:
     """Write ``fig`` as ``<folder>/plots/<name>.png`` and close it (figures are not garbage collected)."""
     out = Path(folder) / PLOTS
@@ -127,6 +147,16 @@ def save(fig: Figure, folder: str | Path, name: str) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` as PNG bytes (closed afterwards), for pages that embed their images."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, dpi=DPI, format="png", metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
 
 
 def pick_spread(names: list[str], n: int) -> list[str]:

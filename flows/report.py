@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from pydantic import BaseModel, ConfigDict
 
 from flows.lineage import TAG_PARENT, TAG_REUSED, TAG_STAGE, TAG_UPSTREAM, walk
-from flows.plots import PLOTS
+from flows.plots import PLOTS, loss_comparison_figure, png_bytes
 from tlora.methods import Method
 
 STAGES = ("model", "calibration", "covariance", "spectrum", "sensitivity", "allocation", "init", "train",
@@ -63,6 +63,8 @@ class BranchReport(BaseModel):
     budget: str
     metrics: dict[str, float | None]
     trainable_params: int | None
+    train_loss: list[tuple[int, float]]
+    """The train stage's logged loss per step."""
     stages: list[StageTime]
     plots: list[Plot]
 
@@ -152,6 +154,11 @@ def render(report: Report) -> str:
               + "".join(f"<th>{s}</th>" for s in STAGES) + "</tr></thead><tbody>" + "".join(times)
               + "</tbody></table>")
     figures, seen = [], set()
+    curves = {f"{b.method}, {b.budget} ({b.parent_name})": b.train_loss for b in report.branches if b.train_loss}
+    if curves:
+        data = base64.b64encode(png_bytes(loss_comparison_figure(curves))).decode()
+        figures.append(f"<figure><img alt='training loss' src='data:image/png;base64,{data}'>"
+                       "<figcaption>training loss of every branch</figcaption></figure>")
     for b in report.branches:
         for p in b.plots:
             if (p.run_id, p.name) in seen:  # the spectrum is shared by every branch of an invocation
@@ -187,10 +194,13 @@ def _branch(client: MlflowClient, cache: dict[str, Run], parent: Run, children: 
     producer = _producer(client, cache, evaluation)
     metrics = _metrics(producer)
     trainable = _get(client, cache, train.run_id).data.metrics.get("trainable_params") if train else None
+    history = client.get_metric_history(train.run_id, "loss") if train else []
+    train_loss = [(int(m.step), float(m.value)) for m in sorted(history, key=lambda m: m.step)]
     plots = [p for stage in PLOT_STAGES if stage in nodes for p in _plots(client, stage, nodes[stage].run_id)]
     return BranchReport(parent_run_id=parent.info.run_id, parent_name=parent.info.run_name or parent.info.run_id,
                         method=method, budget=budget, metrics=metrics,
-                        trainable_params=int(trainable) if trainable is not None else None, stages=stages,
+                        trainable_params=int(trainable) if trainable is not None else None,
+                        train_loss=train_loss, stages=stages,
                         plots=plots)
 
 

@@ -62,6 +62,9 @@ def test_collect_reads_each_branch_back_from_mlflow(sweeps):
         assert b.trainable_params == json.loads((Path(branch.train.uri) / "train_result.json").read_text())[
             "trainable_params"]
         assert {s.stage: s.run_id for s in b.stages}["train"] == branch.train.run_id
+        history = json.loads((Path(branch.train.uri) / "trainer_state.json").read_text())["log_history"]
+        assert b.train_loss == [(h["step"], pytest.approx(h["loss"])) for h in history if "loss" in h]
+        assert len(b.train_loss) == 3
         assert {p.name for p in b.plots} == ({"spectrum", "allocation", "loss"} if b.method == "tlora"
                                              else {"allocation", "loss"})
     tlora, lora = report.branches[0], report.branches[1]
@@ -88,7 +91,7 @@ def test_the_page_renders_offline_in_headless_chromium(sweeps, tmp_path):
     assert len(re.findall(r"<tr class=\"branch\">", dom)) == 3
     for method, budget in (("tlora", "default"), ("lora", "uniform r"), ("tlora", "rank=20")):
         assert f"<td>{method}</td><td>{budget}</td>" in dom
-    n_images = 1 + 3 + 3  # one shared spectrum, an allocation heatmap and a loss curve per branch
+    n_images = 1 + 1 + 3 + 3  # the loss of all branches, one shared spectrum, a heatmap and a loss curve per branch
     assert len(re.findall(r"<img ", dom)) == n_images
     assert 'data-images="decoded"' in dom and f'data-decoded="{n_images}"' in dom, dom[:300]
     assert dom.count(f"/runs/{sweeps.first.branches[0].train.run_id}") >= 2  # lineage links of the train stage
