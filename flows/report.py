@@ -265,7 +265,8 @@ th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: lef
 td.reused {{ background: #eef7ee; }} td.none {{ color: #aaa; }}
 a {{ color: #1a5fb4; text-decoration: none; }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 1em; }}
-figure {{ margin: 0; border: 1px solid #ddd; padding: .5em; }} figure img {{ max-width: 640px; display: block; }}
+figure {{ margin: 0; border: 1px solid #ddd; padding: .5em; max-width: 100%; box-sizing: border-box; }}
+figure img {{ max-width: 100%; height: auto; display: block; }}
 figcaption {{ font-size: 12px; color: #555; }}
 </style></head>
 <body data-images="pending">
