@@ -63,6 +63,8 @@ class BranchReport(BaseModel):
     budget: str
     metrics: dict[str, float | None]
     trainable_params: int | None
+    training: str
+    """What else sets branches apart: the train stage's learning rate and steps."""
     train_loss: list[tuple[int, float]]
     """The train stage's logged loss per step."""
     stages: list[StageTime]
@@ -128,11 +130,11 @@ def render(report: Report) -> str:
     rows = []
     for b in report.branches:
         m = b.metrics
-        cells = [b.method, b.budget, *(_fmt(m.get(k)) for k in METRICS),
+        cells = [b.method, b.budget, b.training, *(_fmt(m.get(k)) for k in METRICS),
                  f"{b.trainable_params:,}" if b.trainable_params is not None else "–"]
         rows.append("<tr class='branch'>" + "".join(f"<td>{e(c)}</td>" for c in cells)
                     + f"<td><a href='{e(run_url(report, b.parent_run_id))}'>{e(b.parent_name)}</a></td></tr>")
-    quality = ("<table id='quality'><thead><tr><th>method</th><th>budget</th>"
+    quality = ("<table id='quality'><thead><tr><th>method</th><th>budget</th><th>training</th>"
                + "".join(f"<th>{e(k)}</th>" for k in METRICS)
                + "<th>trainable params</th><th>invocation</th></tr></thead><tbody>" + "".join(rows)
                + "</tbody></table>")
@@ -154,7 +156,8 @@ def render(report: Report) -> str:
               + "".join(f"<th>{s}</th>" for s in STAGES) + "</tr></thead><tbody>" + "".join(times)
               + "</tbody></table>")
     figures, seen = [], set()
-    curves = {f"{b.method}, {b.budget} ({b.parent_name})": b.train_loss for b in report.branches if b.train_loss}
+    curves = {f"{b.method}, {b.budget}, {b.training} ({b.parent_name})": b.train_loss
+              for b in report.branches if b.train_loss}
     if curves:
         data = base64.b64encode(png_bytes(loss_comparison_figure(curves))).decode()
         figures.append(f"<figure><img alt='training loss' src='data:image/png;base64,{data}'>"
@@ -194,13 +197,15 @@ def _branch(client: MlflowClient, cache: dict[str, Run], parent: Run, children: 
     producer = _producer(client, cache, evaluation)
     metrics = _metrics(producer)
     trainable = _get(client, cache, train.run_id).data.metrics.get("trainable_params") if train else None
+    train_params = _get(client, cache, train.run_id).data.params if train else {}
+    training = f"lr {train_params.get('learning_rate', '?')}, {train_params.get('max_steps', '?')} steps"
     history = client.get_metric_history(train.run_id, "loss") if train else []
     train_loss = [(int(m.step), float(m.value)) for m in sorted(history, key=lambda m: m.step)]
     plots = [p for stage in PLOT_STAGES if stage in nodes for p in _plots(client, stage, nodes[stage].run_id)]
     return BranchReport(parent_run_id=parent.info.run_id, parent_name=parent.info.run_name or parent.info.run_id,
                         method=method, budget=budget, metrics=metrics,
                         trainable_params=int(trainable) if trainable is not None else None,
-                        train_loss=train_loss, stages=stages,
+                        training=training, train_loss=train_loss, stages=stages,
                         plots=plots)
 
 
@@ -261,7 +266,7 @@ _PAGE = """<!DOCTYPE html>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0 2em; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2), #quality td:nth-child(3) {{ text-align: left; }}
 td.reused {{ background: #eef7ee; }} td.none {{ color: #aaa; }}
 a {{ color: #1a5fb4; text-decoration: none; }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 1em; }}
