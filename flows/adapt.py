@@ -17,9 +17,11 @@ import torch
 from pydantic import Field
 from transformers.trainer_utils import get_last_checkpoint
 
+from flows import plots
 from flows.config import PipelineConfig
 from flows.lineage import Dataset
 from flows.prepare import load_base, task_identity, task_splits
+from flows.progress import ProgressCallback, stage_progress
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
 from tlora.adapters import AdapterInfo, load_adapters, read_adapter_info, save_adapters
 from tlora.allocation import Allocation, Budget
@@ -71,6 +73,8 @@ def compute_allocation(p: AllocationParams, ctx: RunContext, out: Path) -> Stage
     allocation = plan_allocation(p.method, scores, shapes, r=p.r, alpha=p.alpha, budget=p.budget,
                                  min_rank=p.min_rank, max_rank=p.max_rank)
     (out / "allocation.json").write_text(allocation.model_dump_json(indent=2))
+    ranks = {name: m.rank for name, m in allocation.modules.items()}
+    plots.save(plots.allocation_figure(ranks, scores, title=p.method.label), out, "allocation")
     trainable = "B" if p.method.needs_spectrum else "AB"
     return StageOutput(metrics={"total_rank": allocation.budget_rank, "n_kept": len(allocation.kept),
                                 "trainable_params": allocation.trainable_params(shapes, trainable)})
@@ -148,14 +152,16 @@ def compute_train(p: TrainParams, ctx: RunContext, out: Path) -> StageOutput:
     train_split = train_split.select(fitting_rows(train_split, tokenizer, p.max_length))
     examples = tokenize_dataset(train_split, tokenizer, max_length=p.max_length)
     work = Path(ctx.root) / "work" / "train" / p.key("train")
-    result = train_adapter(adapted, tokenizer, examples, output_dir=work, max_steps=p.max_steps,
-                           learning_rate=p.learning_rate, batch_size=p.batch_size, grad_accum=p.grad_accum,
-                           scheduler=p.scheduler, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
-                           seed=p.seed, logging_steps=p.logging_steps, save_steps=p.save_steps, precision=p.precision,
-                           progress=ctx.progress)
+    with stage_progress("train", "training", terminal=ctx.progress) as on_progress:
+        result = train_adapter(adapted, tokenizer, examples, output_dir=work, max_steps=p.max_steps,
+                               learning_rate=p.learning_rate, batch_size=p.batch_size, grad_accum=p.grad_accum,
+                               scheduler=p.scheduler, warmup_ratio=p.warmup_ratio, weight_decay=p.weight_decay,
+                               seed=p.seed, logging_steps=p.logging_steps, save_steps=p.save_steps,
+                               precision=p.precision, progress=False, callbacks=[ProgressCallback(on_progress)])
     save_adapters(adapted, out, read_adapter_info(init_dir))
     last = get_last_checkpoint(str(work))
     shutil.copyfile(Path(last) / "trainer_state.json", out / "trainer_state.json")
+    plots.save(plots.loss_figure(json.loads((out / "trainer_state.json").read_text())["log_history"]), out, "loss")
     shutil.move(work, out / "checkpoints")
     (out / "train_result.json").write_text(result.model_dump_json(indent=2))
     dataset = Dataset(name=f"{p.task.name}-train", context="train", source=json.dumps(p.task_id, sort_keys=True),

@@ -3,6 +3,7 @@
     tlora run configs/demo.yaml --set train.max_steps=50
     tlora sweep configs/demo.yaml --budget 840 --budget 1680 --method tlora --method lora
     tlora lineage artifacts/stages/train/<key>
+    tlora report latest --out report.html
 
 Configs are validated before anything is imported or run; an invalid one exits with status 2 and one line per
 field at fault.
@@ -104,6 +105,36 @@ def lineage(
     for run_id in run_ids:
         nodes = {n.run_id: n for n in walk(client, run_id)}
         console.print(_tree(nodes, next(iter(nodes)), set()))
+
+
+@app.command()
+def report(
+    runs: Annotated[list[str] | None, typer.Argument(
+        help="MLflow parent run ids (one per `tlora run`/`tlora sweep`), or `latest` (the default).",
+        show_default=False)] = None,
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("report.html"),
+    experiment: Annotated[str, typer.Option(help="The MLflow experiment `latest` looks in.")] = "tlora",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else artifacts/mlflow/mlflow.db).")] = None,
+    root: Annotated[Path, typer.Option(help="The store root of the default tracking URI.")] = Path("artifacts"),
+    ui_url: Annotated[str | None, typer.Option(
+        help="Base of the run links (default: the tracking URI if http(s), else mlflow ui's 127.0.0.1:5000).")] = None,
+) -> None:
+    """Write one self-contained HTML page comparing the methods and budgets of pipeline runs."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from flows.lineage import tracking_uri as resolve_uri
+    from flows.report import collect, latest_parent, render
+
+    client = MlflowClient(resolve_uri(tracking_uri, root))
+    try:
+        ids = [latest_parent(client, experiment) if r == "latest" else r for r in (runs or ["latest"])]
+        page = render(collect(client, ids, ui_url))
+    except (ValueError, MlflowException) as err:
+        _fail(str(err))
+    out.write_text(page)
+    console.print(f"report of {', '.join(ids)} written to {_short(str(out))} ({len(page) / 1e6:.1f} MB)")
 
 
 def parse_budget(text: str) -> Budget | None:

@@ -22,8 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from zarr.codecs import BloscCodec
 
+from flows import plots
 from flows.config import CalibrationSource, PipelineConfig
 from flows.lineage import Dataset
+from flows.progress import stage_progress
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
 from tlora.covariance import Covariance, collect_covariance, load_covariance, merge_covariances, save_covariance
 from tlora.data import (
@@ -144,9 +146,10 @@ def compute_covariance(p: CovarianceParams, ctx: RunContext, out: Path) -> Stage
     model, _, info = load_base(ctx, p.model)
     calib = load_calibration(ctx.open(p.calibration))
     targets = find_targets(model, p.targets)
-    cov = collect_covariance(model, calib.batches(p.batch_size), targets, precision=p.precision,
-                             model_fingerprint=info.fingerprint, data_fingerprint=calib.meta.data_fingerprint,
-                             progress=ctx.progress)
+    with stage_progress("covariance", "covariance", terminal=ctx.progress) as on_progress:
+        cov = collect_covariance(model, calib.batches(p.batch_size), targets, precision=p.precision,
+                                 model_fingerprint=info.fingerprint, data_fingerprint=calib.meta.data_fingerprint,
+                                 progress=False, on_progress=on_progress)
     save_covariance(out / "covariance.zarr", cov, compressors=CODEC)
     return StageOutput(metrics={"n_tokens": cov.n_tokens, "n_samples": cov.n_samples, "n_groups": len(cov.sums),
                                 "n_modules": len(cov.modules)})
@@ -201,6 +204,7 @@ def compute_spectrum_stage(p: SpectrumParams, ctx: RunContext, out: Path) -> Sta
     cov = load_covariance(ctx.open(p.covariance) / "covariance.zarr")
     spectrum = compute_spectrum(model, cov, p.r_max, solver=p.solver)
     save_spectrum(out / "spectrum.zarr", spectrum, compressors=CODEC)
+    plots.save(plots.spectrum_figure({m: v.tolist() for m, v in spectrum.values.items()}), out, "spectrum")
     n_exact = sum(s == "exact" for s in spectrum.solver.values())
     return StageOutput(metrics={"n_modules": len(spectrum.vectors), "n_exact": n_exact,
                                 "n_gram": len(spectrum.vectors) - n_exact})
@@ -226,7 +230,9 @@ def compute_sensitivity(p: SensitivityParams, ctx: RunContext, out: Path) -> Sta
     model, _, _ = load_base(ctx, p.model)
     calib = load_calibration(ctx.open(p.calibration))
     targets = find_targets(model, p.targets)
-    scores = score_sensitivity(model, calib.batches(p.batch_size or 1), targets, mode=p.mode, progress=ctx.progress)
+    with stage_progress("sensitivity", "sensitivity", terminal=ctx.progress) as on_progress:
+        scores = score_sensitivity(model, calib.batches(p.batch_size or 1), targets, mode=p.mode, progress=False,
+                                   on_progress=on_progress)
     (out / "scores.json").write_text(scores.model_dump_json(indent=2))
     return StageOutput(metrics={"n_samples": scores.n_samples, "n_modules": len(scores.scores)})
 

@@ -24,6 +24,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.lineage import Dataset, Tracker, code_version
+from flows.plots import PLOTS
 from flows.store import Manifest, Store
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,8 @@ def run_stage(ctx: RunContext, stage: str, params: StageParams, compute: Compute
         try:
             with store.staging(stage, key) as tmp:
                 output = compute(params, ctx, tmp)
+                if (tmp / PLOTS).is_dir():
+                    tracker.client.log_artifacts(run_id, str(tmp / PLOTS), PLOTS)
                 manifest = store.publish(tmp, Manifest(
                     stage=stage, key=key, stage_version=STAGE_VERSIONS[stage], run_id=run_id,
                     parent_run_id=ctx.parent_run_id, code_version=code_version(), config=params.key_config(),

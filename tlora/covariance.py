@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -110,6 +110,7 @@ def collect_covariance(
     model_fingerprint: str | None = None,
     data_fingerprint: str | None = None,
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Covariance:
     """Run the model over calibration batches and accumulate each group's per-sample-centred input sums.
 
@@ -120,6 +121,7 @@ def collect_covariance(
         precision: dtype of the centred activations and their GEMM. ``float32`` is accumulated into
             float64 sums once per batch; ``float64`` makes the whole sum float64.
         model_fingerprint: recorded as given; computed from the model's weights when ``None``.
+        on_progress: called as ``on_progress(batches_done, n_batches)`` after each batch.
 
     Returns:
         The sums (on CPU) with ``n_tokens`` valid tokens over ``n_samples`` samples.
@@ -158,6 +160,8 @@ def collect_covariance(
                 acc.start(mask)
                 model(**inputs, **extra)
                 acc.finish(j)
+                if on_progress is not None:
+                    on_progress(j + 1, len(batches))
     finally:
         for h in handles:
             h.remove()

@@ -46,6 +46,7 @@ def score_sensitivity(
     *,
     mode: Mode = "per_sample",
     progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
     _on_reduce: Callable[[str, int], None] | None = None,
 ) -> Scores:
     """Score each target module by the mean ``|W ⊙ ∂L/∂W|`` over the calibration samples.
@@ -63,6 +64,8 @@ def score_sensitivity(
             weights it by the batch size. That is an approximation, since ``|·|`` does not commute with
             the mean over samples: by the triangle inequality a batched score never exceeds the per-sample
             one, and the two agree only at batch size 1 (up to the loss's float32 upcast).
+        on_progress: called as ``on_progress(samples_done, n_samples)`` after each sample (``per_sample``) or
+            batch (``batched``).
         _on_reduce: for tests, called as ``_on_reduce(name, n_held)`` after each gradient is reduced, with
             the number of target weights that held a gradient just before it was freed.
 
@@ -92,6 +95,7 @@ def score_sensitivity(
             handles.append(w.register_post_accumulate_grad_hook(_reducer(name, sums, weights, _on_reduce)))
         model.eval()
         bar = tqdm(total=n_samples, desc="sensitivity", unit="sample", disable=not progress)
+        done = 0  # a disabled tqdm does not count
         with torch.enable_grad(), bar:
             for j, batch in enumerate(batches):
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -101,12 +105,18 @@ def score_sensitivity(
                         _check_finite(loss[None], j, first=i)
                         loss.backward()
                         bar.update(1)
+                        done += 1
+                        if on_progress is not None:
+                            on_progress(done, n_samples)
                 else:
                     losses = _sample_losses(model, batch)
                     _check_finite(losses, j)
                     # Σ_s L_s = n_b · (batch-mean loss), and |·| is homogeneous: this weights the batch by n_b
                     losses.sum().backward()
                     bar.update(len(losses))
+                    done += len(losses)
+                    if on_progress is not None:
+                        on_progress(done, n_samples)
     finally:
         for handle in handles:
             handle.remove()

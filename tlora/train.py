@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def train(
     resume: bool = True,
     precision: Precision = "auto",
     progress: bool = True,
+    callbacks: Sequence[TrainerCallback] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters on tokenized examples; resume from the last checkpoint.
 
@@ -69,6 +70,7 @@ def train(
             ``resume=True`` continues from the newest one and ends with the same adapter as an
             uninterrupted run (same seed; the Trainer restores data order and RNG states).
         precision: ``auto`` is bf16 on a CUDA device that supports it, else fp32.
+        callbacks: extra ``TrainerCallback``s, e.g. to report progress.
 
     Raises:
         ValueError: no trainable parameter, no example, or an example without target tokens.
@@ -114,6 +116,7 @@ def train(
         train_dataset=_as_features(train_examples),
         eval_dataset=_as_features(eval_examples) if eval_examples is not None else None,
         data_collator=collator,
+        callbacks=list(callbacks) if callbacks else None,
     )
     checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() else None
     if checkpoint:

@@ -71,11 +71,12 @@ def test_a_run_writes_each_stage_artifact_with_its_documented_files(runs):
         "covariance": {"covariance.zarr/zarr.json"} | {f"covariance.zarr/{g}/{f}" for g in groups
                                                        for f in ("zarr.json", "c/0/0")},
         "spectrum": {"spectrum.zarr/zarr.json"} | {f"spectrum.zarr/{m}/{f}" for m in modules for f in (
-            "zarr.json", "vectors/zarr.json", "vectors/c/0/0", "values/zarr.json", "values/c/0")},
+            "zarr.json", "vectors/zarr.json", "vectors/c/0/0", "values/zarr.json", "values/c/0")}
+        | {"plots/spectrum.png"},
         "sensitivity": {"scores.json"},
-        "allocation": {"allocation.json"},
+        "allocation": {"allocation.json", "plots/allocation.png"},
         "init": adapter,
-        "train": adapter | {"trainer_state.json", "train_result.json"} | checkpoint,
+        "train": adapter | {"trainer_state.json", "train_result.json", "plots/loss.png"} | checkpoint,
         "evaluate": {"metrics.json"},
         "merge": hf,
     }
