@@ -116,15 +116,18 @@ def prepare_task(ctx: RunContext, cfg: PipelineConfig, methods: list[Method]) ->
     sources = cfg.calibration_sources
     calibs = [call(ctx, prepare.calibration, prepare.CalibrationParams.of(cfg, s, model)) for s in sources]
     weights = [s.weight for s in sources]
-    covariance = spectrum = sensitivity = None
     parts: list[StageResult] = []
-    if any(m.needs_spectrum for m in methods):
-        covs = [sharded(ctx, cfg, "covariance", model, s, c, parts) for s, c in zip(sources, calibs, strict=True)]
-        covariance = mix(ctx, prepare.covariance_mix, covs, weights)
-        spectrum = call(ctx, prepare.spectrum, prepare.SpectrumParams.of(cfg, model, covariance))
-    if any(m.needs_scores for m in methods):
-        scores = [sharded(ctx, cfg, "sensitivity", model, s, c, parts) for s, c in zip(sources, calibs, strict=True)]
-        sensitivity = mix(ctx, prepare.sensitivity_mix, scores, weights)
+    covs: list[StageResult] = []
+    scores: list[StageResult] = []
+    with shards.cluster(cfg):  # one Ray for every sharded stage when runner.kind is ray
+        if any(m.needs_spectrum for m in methods):
+            covs = [sharded(ctx, cfg, "covariance", model, s, c, parts) for s, c in zip(sources, calibs, strict=True)]
+        if any(m.needs_scores for m in methods):
+            scores = [sharded(ctx, cfg, "sensitivity", model, s, c, parts)
+                      for s, c in zip(sources, calibs, strict=True)]
+    covariance = mix(ctx, prepare.covariance_mix, covs, weights) if covs else None
+    spectrum = call(ctx, prepare.spectrum, prepare.SpectrumParams.of(cfg, model, covariance)) if covs else None
+    sensitivity = mix(ctx, prepare.sensitivity_mix, scores, weights) if scores else None
     return Upstream(model=model, calibrations=calibs, shards=parts, covariance=covariance, spectrum=spectrum,
                     sensitivity=sensitivity)
 

@@ -18,10 +18,12 @@ Shards run as ``task.map`` in a subflow whose task runner the config picks: Pref
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -148,7 +150,7 @@ def run_shards(ctx: RunContext, cfg: PipelineConfig, stage: Stage, params: list[
         The first failed shard's error, after every other shard has finished (and published its artifact).
     """
     start = time.perf_counter()
-    mapped = map_shards.with_options(task_runner=task_runner(cfg.runner, threads=cfg.threads or 1),
+    mapped = map_shards.with_options(task_runner=task_runner(cfg.runner),
                                      flow_run_name=f"{stage}-shards")
     results = mapped(ctx, stage, params, cfg.runner.retries)
     return [settle(ctx, p, r, start) for p, r in zip(params, results, strict=True)]
@@ -163,20 +165,44 @@ def map_shards(ctx: RunContext, stage: Stage, params: list[StageParams], retries
     return [f.result() for f in futures]
 
 
-def task_runner(runner: RunnerConfig, *, threads: int = 1) -> TaskRunner:
-    """Prefect's thread pool, or a Ray runner whose workers import this checkout and use ``threads`` torch threads."""
+def task_runner(runner: RunnerConfig) -> TaskRunner:
+    """Prefect's thread pool, or a Ray runner (on the Ray that :func:`cluster` started, when it did)."""
     if runner.kind == "default":
         return ThreadPoolTaskRunner(max_workers=runner.num_cpus)
     from prefect_ray import RayTaskRunner
 
+    return RayTaskRunner(address=runner.address, init_kwargs=_ray_init(runner, threads=1))
+
+
+@contextlib.contextmanager
+def cluster(cfg: PipelineConfig) -> Iterator[None]:
+    """One Ray for every sharded stage of an invocation (started here, shut down after), so workers stay warm.
+
+    Nothing happens unless ``runner.kind`` is ``ray``, a stage is sharded and no Ray is running already.
+    Workers import ``flows`` and ``tlora`` from this checkout and use ``threads`` (default 1) torch threads.
+    """
+    import ray
+
+    sharded = cfg.covariance.shards > 1 or cfg.sensitivity.shards > 1
+    if cfg.runner.kind != "ray" or not sharded or ray.is_initialized():
+        yield
+        return
+    ray.init(cfg.runner.address, **_ray_init(cfg.runner, threads=cfg.threads or 1))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _ray_init(runner: RunnerConfig, *, threads: int) -> dict:
     env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    if runner.address is None:  # a local Ray: its workers import flows and tlora from this checkout
+    init: dict = {"include_dashboard": False, "log_to_driver": False, "runtime_env": {"env_vars": env}}
+    if runner.address is None:  # a local Ray: its workers import this checkout, on the CPUs asked for
         root = str(Path(flows.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    init = {"include_dashboard": False, "runtime_env": {"env_vars": env}, "log_to_driver": False}
-    if runner.num_cpus is not None and runner.address is None:
-        init["num_cpus"] = runner.num_cpus
-    return RayTaskRunner(address=runner.address, init_kwargs=init)
+        if runner.num_cpus is not None:
+            init["num_cpus"] = runner.num_cpus
+    return init
 
 
 def compute_covariance_reduce(p: ReduceParams, ctx: RunContext, out: Path) -> StageOutput:
