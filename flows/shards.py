@@ -69,9 +69,9 @@ class Shard(BaseModel):
 
     start: int = Field(ge=0)
     stop: int = Field(gt=0)
-    index: int = Field(json_schema_extra=UNKEYED)
-    count: int = Field(json_schema_extra=UNKEYED)
-    """Which of how many shards, for names and logs; the slice alone says what is computed."""
+    index: int = Field(ge=0, json_schema_extra=UNKEYED)
+    """Which shard (for logs); the slice alone says what is computed."""
+    count: int = Field(gt=0, json_schema_extra=UNKEYED)
 
     def samples(self, calib: Calibration) -> Calibration:
         return slice_calibration(calib, self.start, self.stop)
@@ -168,7 +168,7 @@ def map_shards(ctx: RunContext, stage: Stage, params: list[StageParams], retries
 def task_runner(runner: RunnerConfig) -> TaskRunner:
     """Prefect's thread pool, or a Ray runner (on the Ray that :func:`cluster` started, when it did)."""
     if runner.kind == "default":
-        return ThreadPoolTaskRunner(max_workers=runner.num_cpus)
+        return ThreadPoolTaskRunner(max_workers=runner.num_cpus or os.cpu_count())  # Prefect's default: unbounded
     from prefect_ray import RayTaskRunner
 
     return RayTaskRunner(address=runner.address, init_kwargs=_ray_init(runner, threads=1))
