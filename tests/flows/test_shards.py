@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+from prefect import flow
 from pydantic import ValidationError
 
 from flows import prepare, shards
@@ -103,7 +104,7 @@ def test_sharded_stages_equal_one_pass_and_a_failed_shard_is_retried_alone(prefe
     cfg = workspace(covariance={"shards": 2}, sensitivity={"shards": 3}, runner={"num_cpus": 2, "retries": 1})
     fail[(4, 8)] = fail[(3, 6)] = 1  # covariance shard 1 and sensitivity shard 1 fail once each
     ctx = context(cfg)
-    up = prepare_task(ctx, cfg, [Method()])
+    up = flow(name="task-side")(prepare_task)(ctx, cfg, [Method()])  # the shards' subflow runs inside a flow run
     assert calls == {(0, 4): 1, (4, 8): 2, (0, 3): 1, (3, 6): 2, (6, 8): 1}  # retried alone, the others ran once
     assert [(s.stage, verify_folder(ctx.open(s)).config["start"]) for s in up.shards] == [
         ("covariance", 0), ("covariance", 4), ("sensitivity", 0), ("sensitivity", 3), ("sensitivity", 6)]
