@@ -233,6 +233,8 @@ def _check_tiling(p: ReduceParams, ctx: RunContext) -> CalibrationMeta:
         manifest = read_manifest(ctx.open(r))
         if manifest.inputs.get("calibration") != p.calibration.key:
             raise ValueError(f"shard {r.key[:12]} was cut from another calibration than {p.calibration.key[:12]}")
+        if "start" not in manifest.config:
+            raise ValueError(f"{r.stage} {r.key[:12]} read all the samples: it is not a shard")
         slices.append((manifest.config["start"], manifest.config["stop"]))
     ends = [0] + [b for _, b in slices]
     if [a for a, _ in slices] != ends[:-1] or ends[-1] != meta.n_calib:

@@ -154,6 +154,9 @@ def test_a_reduce_refuses_shards_that_do_not_tile_the_samples(prefect_server, wo
         shards.covariance_reduce.fn(ctx, shards.ReduceParams(calibration=calib, shards=done))
     with pytest.raises(ValueError, match="do not tile"):
         shards.covariance_reduce.fn(ctx, shards.ReduceParams(calibration=calib, shards=done[1:]))
+    whole = prepare.covariance.fn(ctx, prepare.CovarianceParams.of(cfg, model, calib))
+    with pytest.raises(ValueError, match="not a shard"):
+        shards.covariance_reduce.fn(ctx, shards.ReduceParams(calibration=calib, shards=[whole]))
 
 
 def test_shards_on_ray_equal_one_pass(prefect_server, workspace):
