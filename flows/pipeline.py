@@ -6,7 +6,9 @@
 The task side (model to sensitivity) is computed once per invocation and shared by every branch; a branch is one
 (budget, method): its allocation and everything below. Methods that need no spectrum or no scores (LoRA, PiSSA,
 ablations) skip those stages. A calibration mixture calibrates each dataset on its own (cached per dataset) and
-mixes the partial sums. ``pipeline`` runs the config's own branch, ``sweep`` several in one flow run.
+mixes the partial sums. With ``shards`` > 1, covariance and sensitivity map over shards of the samples on the
+configured runner (threads or Ray, see ``flows/shards.py``) and reduce them exactly. ``pipeline`` runs the config's
+own branch, ``sweep`` several in one flow run.
 """
 
 from __future__ import annotations
