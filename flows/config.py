@@ -54,6 +54,8 @@ class CovarianceConfig(Section):
     precision: Literal["float32", "float64"] = "float32"
     batch_size: int = Field(4, gt=0)
     """Samples per forward pass; any batch size gives the same covariance, so it is not part of the key."""
+    shards: int = Field(1, gt=0)
+    """Split the samples into this many shards of whole batches, each its own cached task run on ``runner``."""
 
 
 class SpectrumConfig(Section):
@@ -66,6 +68,27 @@ class SensitivityConfig(Section):
     mode: Literal["per_sample", "batched"] = "per_sample"
     batch_size: int = Field(4, gt=0)
     """Samples per backward in ``batched`` mode (``per_sample`` runs one at a time whatever it is)."""
+    shards: int = Field(1, gt=0)
+    """Split the samples into this many shards, each its own cached task run on ``runner``."""
+
+    @property
+    def step(self) -> int:
+        """Samples per backward: shard boundaries fall between steps."""
+        return self.batch_size if self.mode == "batched" else 1
+
+
+class RunnerConfig(Section):
+    """Where the shards of covariance and sensitivity run (one shard: in the flow's own process)."""
+
+    kind: Literal["default", "ray"] = "default"
+    """``default``: Prefect's thread pool in this process; ``ray``: one Ray task per shard."""
+    address: str | None = None
+    """A running Ray cluster (``auto``, ``ray://head:10001``) whose workers can import ``flows``; default: a
+    local Ray started for the shards and shut down after them."""
+    num_cpus: int | None = Field(None, gt=0)
+    """CPUs of the local Ray or threads of the default pool, so shards run at once (default: all cores)."""
+    retries: int = Field(1, ge=0)
+    """Times a failed shard is retried on its own (a lost worker) before the run fails."""
 
 
 class AllocationConfig(Section):
@@ -153,6 +176,7 @@ class PipelineConfig(Section):
     merge: MergeConfig = MergeConfig()
     tracking: TrackingConfig = TrackingConfig()
     store: StoreConfig = StoreConfig()
+    runner: RunnerConfig = RunnerConfig()
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu``, ``cuda:1``...; not part of any cache key."""
     threads: int | None = Field(None, gt=0)
@@ -167,6 +191,12 @@ class PipelineConfig(Section):
                                  "the spectrum holds no more vectors; raise spectrum.r_max")
             if self.allocation.r > r_max:
                 raise ValueError(f"allocation.r={self.allocation.r} exceeds spectrum.r_max={r_max}")
+        for source in self.calibration_sources:
+            for stage, shards, step in (("covariance", self.covariance.shards, self.covariance.batch_size),
+                                        ("sensitivity", self.sensitivity.shards, self.sensitivity.step)):
+                if shards > -(-source.n_calib // step):
+                    raise ValueError(f"{stage}.shards={shards} exceeds the {-(-source.n_calib // step)} steps of "
+                                     f"{step} sample(s) in {source.n_calib} calibration samples of {source.task.name}")
         names = [source.task.name for source in self.calibration.mixture]
         if len(set(names)) != len(names):
             raise ValueError(f"calibration.mixture names a task twice: {names}")

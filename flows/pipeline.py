@@ -6,7 +6,9 @@
 The task side (model to sensitivity) is computed once per invocation and shared by every branch; a branch is one
 (budget, method): its allocation and everything below. Methods that need no spectrum or no scores (LoRA, PiSSA,
 ablations) skip those stages. A calibration mixture calibrates each dataset on its own (cached per dataset) and
-mixes the partial sums. ``pipeline`` runs the config's own branch, ``sweep`` several in one flow run.
+mixes the partial sums. With ``shards`` > 1, covariance and sensitivity map over shards of the samples on the
+configured runner (threads or Ray, see ``flows/shards.py``) and reduce them exactly. ``pipeline`` runs the config's
+own branch, ``sweep`` several in one flow run.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
-from flows import adapt, prepare
-from flows.config import PipelineConfig
+from flows import adapt, prepare, shards
+from flows.config import CalibrationSource, PipelineConfig
 from flows.lineage import tracking_uri
 from flows.stage import RunContext, StageResult, call
 from tlora.allocation import Budget
@@ -37,6 +39,8 @@ class Upstream(BaseModel):
 
     model: StageResult
     calibrations: list[StageResult]
+    shards: list[StageResult] = []
+    """Covariance and sensitivity shards, where ``shards`` > 1 (each reduced into its stage's artifact)."""
     covariance: StageResult | None = None
     spectrum: StageResult | None = None
     sensitivity: StageResult | None = None
@@ -70,7 +74,7 @@ class PipelineResult(BaseModel):
     def stages(self) -> list[StageResult]:
         """Every stage result, upstream first, in the order they ran."""
         up = self.upstream
-        out = [up.model, *up.calibrations, up.covariance, up.spectrum, up.sensitivity]
+        out = [up.model, *up.calibrations, *up.shards, up.covariance, up.spectrum, up.sensitivity]
         for b in self.branches:
             out += [b.allocation, b.init, b.train, b.evaluate, b.merge]
         return [s for s in out if s is not None]
@@ -114,15 +118,19 @@ def prepare_task(ctx: RunContext, cfg: PipelineConfig, methods: list[Method]) ->
     sources = cfg.calibration_sources
     calibs = [call(ctx, prepare.calibration, prepare.CalibrationParams.of(cfg, s, model)) for s in sources]
     weights = [s.weight for s in sources]
-    covariance = spectrum = sensitivity = None
-    if any(m.needs_spectrum for m in methods):
-        covs = [call(ctx, prepare.covariance, prepare.CovarianceParams.of(cfg, model, c)) for c in calibs]
-        covariance = mix(ctx, prepare.covariance_mix, covs, weights)
-        spectrum = call(ctx, prepare.spectrum, prepare.SpectrumParams.of(cfg, model, covariance))
-    if any(m.needs_scores for m in methods):
-        scores = [call(ctx, prepare.sensitivity, prepare.SensitivityParams.of(cfg, model, c)) for c in calibs]
-        sensitivity = mix(ctx, prepare.sensitivity_mix, scores, weights)
-    return Upstream(model=model, calibrations=calibs, covariance=covariance, spectrum=spectrum,
+    parts: list[StageResult] = []
+    covs: list[StageResult] = []
+    scores: list[StageResult] = []
+    with shards.cluster(cfg):  # one Ray for every sharded stage when runner.kind is ray
+        if any(m.needs_spectrum for m in methods):
+            covs = [sharded(ctx, cfg, "covariance", model, s, c, parts) for s, c in zip(sources, calibs, strict=True)]
+        if any(m.needs_scores for m in methods):
+            scores = [sharded(ctx, cfg, "sensitivity", model, s, c, parts)
+                      for s, c in zip(sources, calibs, strict=True)]
+    covariance = mix(ctx, prepare.covariance_mix, covs, weights) if covs else None
+    spectrum = call(ctx, prepare.spectrum, prepare.SpectrumParams.of(cfg, model, covariance)) if covs else None
+    sensitivity = mix(ctx, prepare.sensitivity_mix, scores, weights) if scores else None
+    return Upstream(model=model, calibrations=calibs, shards=parts, covariance=covariance, spectrum=spectrum,
                     sensitivity=sensitivity)
 
 
@@ -136,6 +144,23 @@ def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream) -> Branch:
     metrics = yaml.safe_load((ctx.open(evaluated) / "metrics.json").read_text())
     return Branch(method=cfg.method.label, budget=cfg.allocation.budget, allocation=allocation, init=init,
                   train=trained, evaluate=evaluated, merge=merged, metrics=metrics)
+
+
+def sharded(ctx: RunContext, cfg: PipelineConfig, stage: shards.Stage, model: StageResult, source: CalibrationSource,
+            calib: StageResult, parts: list[StageResult]) -> StageResult:
+    """One pass over the samples, or their shards mapped on ``cfg.runner`` (appended to ``parts``) and reduced."""
+    if stage == "covariance" and cfg.covariance.shards == 1:
+        return call(ctx, prepare.covariance, prepare.CovarianceParams.of(cfg, model, calib))
+    if stage == "sensitivity" and cfg.sensitivity.shards == 1:
+        return call(ctx, prepare.sensitivity, prepare.SensitivityParams.of(cfg, model, calib))
+    cut, reduce = SHARDED[stage]
+    done = shards.run_shards(ctx, cfg, stage, cut(cfg, source, model, calib))
+    parts += done
+    return call(ctx, reduce, shards.ReduceParams(calibration=calib, shards=done))
+
+
+SHARDED = {"covariance": (shards.covariance_shards, shards.covariance_reduce),
+           "sensitivity": (shards.sensitivity_shards, shards.sensitivity_reduce)}
 
 
 def mix(ctx: RunContext, mix_task, parts: list[StageResult], weights: list[float]) -> StageResult:

@@ -29,6 +29,7 @@ from flows.progress import stage_progress
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
 from tlora.covariance import Covariance, collect_covariance, load_covariance, merge_covariances, save_covariance
 from tlora.data import (
+    Calibration,
     TaskSpec,
     build_calibration,
     fitting_rows,
@@ -140,11 +141,15 @@ class CovarianceParams(StageParams):
         return cls(model=model, calibration=calibration, targets=cfg.targets, precision=c.precision,
                    batch_size=c.batch_size)
 
+    def samples(self, calib: Calibration) -> Calibration:
+        """The calibration samples this stage reads: all of them (a shard reads a slice)."""
+        return calib
+
 
 def compute_covariance(p: CovarianceParams, ctx: RunContext, out: Path) -> StageOutput:
     """Per-sample-centred float64 input sums of every shared-input group, as ``covariance.zarr``."""
     model, _, info = load_base(ctx, p.model)
-    calib = load_calibration(ctx.open(p.calibration))
+    calib = p.samples(load_calibration(ctx.open(p.calibration)))
     targets = find_targets(model, p.targets)
     with stage_progress("covariance", "covariance", terminal=ctx.progress) as on_progress:
         cov = collect_covariance(model, calib.batches(p.batch_size), targets, precision=p.precision,
@@ -224,11 +229,15 @@ class SensitivityParams(StageParams):
         return cls(model=model, calibration=calibration, targets=cfg.targets, mode=s.mode,
                    batch_size=s.batch_size if s.mode == "batched" else None)
 
+    def samples(self, calib: Calibration) -> Calibration:
+        """The calibration samples this stage reads: all of them (a shard reads a slice)."""
+        return calib
+
 
 def compute_sensitivity(p: SensitivityParams, ctx: RunContext, out: Path) -> StageOutput:
     """``mean |W ⊙ ∇W L|`` per target module over the calibration samples, as ``scores.json``."""
     model, _, _ = load_base(ctx, p.model)
-    calib = load_calibration(ctx.open(p.calibration))
+    calib = p.samples(load_calibration(ctx.open(p.calibration)))
     targets = find_targets(model, p.targets)
     with stage_progress("sensitivity", "sensitivity", terminal=ctx.progress) as on_progress:
         scores = score_sensitivity(model, calib.batches(p.batch_size or 1), targets, mode=p.mode, progress=False,

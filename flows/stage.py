@@ -182,9 +182,18 @@ def run_stage(ctx: RunContext, stage: str, params: StageParams, compute: Compute
 
 def call(ctx: RunContext, stage_task_: Any, params: StageParams) -> StageResult:
     """Run a stage task in the current flow; record a reuse run when it returned an earlier invocation's artifact."""
-    runner = stage_task_.with_options(result_storage=Path(ctx.root).resolve() / "prefect" / "results")
+    runner = stage_task_.with_options(result_storage=result_storage(ctx))
     start = time.perf_counter()
-    result: StageResult = runner(ctx, params)
+    return settle(ctx, params, runner(ctx, params), start)
+
+
+def result_storage(ctx: RunContext) -> Path:
+    """Where Prefect persists the invocation's task results (its cache)."""
+    return Path(ctx.root).resolve() / "prefect" / "results"
+
+
+def settle(ctx: RunContext, params: StageParams, result: StageResult, start: float) -> StageResult:
+    """``result`` marked reused (with a reuse run) when it is an earlier invocation's artifact; logs its line."""
     if result.parent_run_id != ctx.parent_run_id or result.run_id is None:
         inputs = {role: r.run_id for role, r in params.inputs().items()}
         ctx.tracker().log_reuse(ctx.parent_run_id, result.stage, result.key, result.uri, inputs, result.run_id)
