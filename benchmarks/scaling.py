@@ -44,6 +44,7 @@ QUICK = {"width": [64, 128, 256], "seq": [32, 64, 128], "samples": [2, 4, 8]}
 VOCAB = 2048
 R_MAX, RANK, ALPHA, TRAIN_BATCH = 32, 8, 16.0, 4
 HEADING = "## Scaling: growth laws"
+TAIL = 3  # the largest points of each factor, fitted again for extrapolation
 
 
 # ---------------------------------------------------------------- one point (runs in a subprocess)
@@ -215,7 +216,7 @@ def fit_power(xs: list[float], ys: list[float]) -> dict:
 
 
 def fit_all(results: list[dict]) -> dict:
-    """Per factor, stage and quantity (time, peak memory): the fitted law."""
+    """Per factor and stage: laws of time (all points, and the largest ``TAIL``) and of peak memory."""
     fits: dict = {}
     for factor, key in FACTORS.items():
         rows = [r for r in results if r["point"]["factor"] == factor]
@@ -223,8 +224,10 @@ def fit_all(results: list[dict]) -> dict:
             continue
         xs = [r["point"][key] for r in rows]
         for stage in STAGES:
+            ts = [r["time_s"][stage] for r in rows]
             fits.setdefault(factor, {})[stage] = {
-                "time": fit_power(xs, [r["time_s"][stage] for r in rows]),
+                "time": fit_power(xs, ts),
+                "time_tail": fit_power(xs[-TAIL:], ts[-TAIL:]),  # fixed overheads fade: the law to extrapolate
                 "peak": fit_power(xs, [max(r["peak_mb"][stage], 0.1) for r in rows]),
             }
     return fits
@@ -245,10 +248,15 @@ def plot(results: list[dict], fits: dict, suffix: str = "") -> list[Path]:
                 if len(rows) < 2:
                     continue
                 xs = [r["point"][key] for r in rows]
-                ys = [max(r[qty][stage], 0.1) for r in rows]
+                ys = [max(r[qty][stage], 0.1 if qty == "peak_mb" else 1e-6) for r in rows]
                 law = fits[factor][stage]["time" if qty == "time_s" else "peak"]
                 line = ax.loglog(xs, ys, "o", label=f"{factor} ({key}): b={law['b']:.2f}, R²={law['r2']:.2f}")[0]
                 ax.loglog(xs, [law["a"] * x ** law["b"] for x in xs], "-", color=line.get_color(), alpha=0.6)
+            anchor = next((r for r in results if r["point"]["model"] == "smollm2"), None)
+            if anchor and qty == "time_s":
+                ax.loglog([576], [anchor[qty][stage] * BASE["layers"] / 30], "*", ms=12, color="k",
+                          label="SmolLM2-135M x 2/30 layers")
+                ax.legend(fontsize=8)
             ax.set_xlabel("d (width) / T (sequence) / n (samples)")
             ax.set_ylabel(unit)
             ax.legend(fontsize=8)
@@ -314,14 +322,18 @@ def predict_llama(fits: dict, results: list[dict], name: str = "7B", n: int = CA
                   ) -> dict:
     """Two predictions per stage: the measured CPU laws extrapolated, and analytic FLOPs / assumed GPU rates.
 
-    Law route: ``t_cpu = a·d^b`` (width law, 2 layers) × layers/2 × (T/128)^b_T × (n/8)^b_n, with the T and
-    n factors set to 1 for stages that do not read tokens (spectrum, init); then converted to GPU by the ratio
-    of the assumed GPU rate to the CPU rate achieved at the largest measured width.
+    Law route: ``t_cpu = a·d^b`` (width law of the largest points, 2 layers) × layers/2 × (T/128)^b_T ×
+    (n/8)^b_n, without the T and n factors where a stage does not read them (spectrum reads neither, a train
+    step of ``TRAIN_BATCH`` samples not n); then converted to GPU by the ratio of the assumed GPU rate to the
+    CPU rate achieved at the widest measured point. The train step is per step, the other stages in total.
     """
     s, a = llama_shapes(name), analytic_llama(name, n, seq)
     widest = max((r for r in results if r["point"]["factor"] == "width"), key=lambda r: r["point"]["d"])
     wa = widest["analytic"]
-    reads_tokens = {"covariance": True, "spectrum": False, "sensitivity": True, "init": False}
+    reads_tokens = {"covariance": True, "spectrum": False, "sensitivity": True, "train_step": True}
+    reads_samples = {"covariance": True, "spectrum": False, "sensitivity": True, "train_step": False}
+    step = 3 * TRAIN_BATCH * seq * (2 * a["linear_params"] + 4 * s["layers"] * seq * s["heads_dim"]
+                                    + 2 * s["d"] * s["vocab"])
     work = {  # (analytic FLOPs at the target, FLOPs at the widest measured point, assumed GPU rate)
         "covariance": (a["forward_flops"] + a["cov_gemm_flops"], wa["forward_flops"] + wa["cov_gemm_flops"],
                        (a["forward_flops"] + a["cov_gemm_flops"])
@@ -330,20 +342,62 @@ def predict_llama(fits: dict, results: list[dict], name: str = "7B", n: int = CA
                      (a["spectrum_gemm_flops"] + a["spectrum_eigh_flops"])
                      / (a["spectrum_gemm_flops"] / GPU["fp64_gemm"] + a["spectrum_eigh_flops"] / GPU["fp64_eigh"])),
         "sensitivity": (a["sensitivity_flops"], wa["sensitivity_flops"], GPU["bf16_gemm"]),
+        "train_step": (step, wa["train_flops"], GPU["bf16_gemm"]),
     }
     out = {"model": name, "n": n, "T": seq, "analytic": a, "stages": {}}
     for stage, (flops, flops_cpu_point, gpu_rate) in work.items():
-        law = fits["width"][stage]["time"]
+        law = fits["width"][stage]["time_tail"]
         t_cpu = law["a"] * s["d"] ** law["b"] * s["layers"] / BASE["layers"]
         if reads_tokens[stage]:
-            t_cpu *= (seq / BASE["T"]) ** fits["seq"][stage]["time"]["b"]
-            t_cpu *= (n / BASE["n"]) ** fits["samples"][stage]["time"]["b"]
+            t_cpu *= (seq / BASE["T"]) ** fits["seq"][stage]["time_tail"]["b"]
+        if reads_samples[stage]:
+            t_cpu *= (n / BASE["n"]) ** fits["samples"][stage]["time_tail"]["b"]
         cpu_rate = flops_cpu_point / widest["time_s"][stage]
         out["stages"][stage] = {"cpu_law_s": t_cpu, "cpu_rate": cpu_rate, "gpu_rate": gpu_rate,
                                 "gpu_from_law_s": t_cpu * cpu_rate / gpu_rate, "gpu_analytic_s": flops / gpu_rate,
                                 "flops": flops}
     return out
 
+
+
+
+def capacity(raw: dict, name: str, gpu_gib: float = 80.0) -> dict:
+    """Per-GPU memory and time of each stage for ``name`` (A100-80GB, bf16 weights), and the shards it needs.
+
+    Activation memory per (layer · token · d) comes from the measured SmolLM2 peaks (fp32, halved for bf16);
+    the covariance store's Zstd ratio from SmolLM2's store; times from ``predict_llama``'s analytic route.
+    """
+    s, p = llama_shapes(name), raw["predict"][name]
+    a, gib = p["analytic"], 2 ** 30
+    anchor = next(r for r in raw["results"] if r["point"]["model"] == "smollm2")
+    per_unit = {  # bytes per (layer · token · d): sensitivity runs one sample, a train step TRAIN_BATCH
+        "sensitivity": anchor["peak_mb"]["sensitivity"] * 2 ** 20 / (30 * BASE["T"] * 576),
+        "train_step": anchor["peak_mb"]["train_step"] * 2 ** 20 / (30 * TRAIN_BATCH * BASE["T"] * 576),
+    }
+    zstd = anchor["analytic"]["cov_store_zstd_mb"] * 2 ** 20 / anchor["analytic"]["cov_bytes"]
+    usable = gpu_gib - 6  # CUDA context, allocator slack and fragmentation
+    gpus_for_weights = math.ceil(a["weights_bf16"] / gib / (usable * 0.85))
+    worker_gpus = 1 if gpus_for_weights == 1 else 2 ** math.ceil(math.log2(gpus_for_weights + 1))
+    room = worker_gpus * usable - a["weights_bf16"] / gib
+    layers_per_shard = max(1, min(s["layers"], int(room * 0.8 // (a["cov_bytes_per_layer"] / gib))))
+    layer_shards = math.ceil(s["layers"] / layers_per_shard)
+    st = p["stages"]
+    tokens_act = CALIB["T"] * s["layers"] * s["d"]
+    return {
+        "weights_bf16_gib": a["weights_bf16"] / gib,
+        "cov_raw_gib": a["cov_bytes"] / gib, "cov_zstd_gib": a["cov_bytes"] * zstd / gib, "zstd_ratio": zstd,
+        "cov_per_layer_gib": a["cov_bytes_per_layer"] / gib, "worker_gpus": worker_gpus,
+        "layers_per_shard": layers_per_shard, "layer_shards": layer_shards,
+        "cov_mem_gib": a["weights_bf16"] / gib + layers_per_shard * a["cov_bytes_per_layer"] / gib,
+        "cov_gpu_s": st["covariance"]["gpu_analytic_s"]
+        + (layer_shards - 1) * a["forward_flops"] / GPU["bf16_gemm"],  # each layer shard reruns the forward
+        "spectrum_mem_gib": a["weights_bf16"] / gib + a["spectrum_peak_bytes"] / gib,
+        "spectrum_gpu_s": st["spectrum"]["gpu_analytic_s"],
+        "sens_act_gib": per_unit["sensitivity"] / 2 * tokens_act / gib,
+        "sens_gpu_s": st["sensitivity"]["gpu_analytic_s"],
+        "train_act_gib_per_sample": per_unit["train_step"] / 2 * tokens_act / gib,
+        "train_step_gpu_s": st["train_step"]["gpu_analytic_s"],
+    }
 
 
 # ---------------------------------------------------------------- report
@@ -360,12 +414,17 @@ def report(raw: dict) -> str:
              f"{raw['repeats']}; wall time is in the JSON; the host is shared, CPU time is far less noisy than wall). "
              "**Memory = measured peak RSS growth during the stage** (kernel VmHWM reset before each stage, heap "
              "trimmed, glibc mmap threshold pinned so freed blocks return to the OS).", "",
-             "Fitted exponents b of y = a·x^b (log-log least squares), time / peak memory, with R² in log space:", "",
-             "| stage | width d: time b (R²) | T: time b (R²) | n: time b (R²) | d: mem b (R²) | T: mem b (R²) "
-             "| n: mem b (R²) |", "|---|---|---|---|---|---|---|"]
+             "Fitted exponents b of y = a·x^b (log-log least squares, R² in log space), time over all points and "
+             f"over the largest {TAIL} of each factor (where fixed per-call overheads have faded; these extrapolate):",
+             "", "| stage | d: all | d: top 3 | T: all | T: top 3 | n: all | n: top 3 |", "|---" * 7 + "|"]
     for stage in STAGES:
         cells = [f"{fits[f][stage][q]['b']:.2f} ({fits[f][stage][q]['r2']:.2f})"
-                 for q in ("time", "peak") for f in FACTORS if f in fits]
+                 for f in FACTORS if f in fits for q in ("time", "time_tail")]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "Peak RSS growth exponents (all points):", "", "| stage | d | T | n |", "|---|---|---|---|"]
+    for stage in STAGES:
+        cells = [f"{fits[f][stage]['peak']['b']:.2f} ({fits[f][stage]['peak']['r2']:.2f})"
+                 for f in FACTORS if f in fits]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines += ["", "Analytic expectations: covariance ~ d² per token plus the forward (~d², attention ~T·d), so "
               "b_d -> 2, b_T -> 1 (+attention), b_n -> 1; spectrum ~ d³ and independent of T and n; "
@@ -404,10 +463,31 @@ def report(raw: dict) -> str:
         for stage, v in pred["stages"].items():
             lines.append(f"| {stage} | {v['flops']:.2e} | {v['cpu_law_s'] / 3600:.1f} h | {v['cpu_rate'] / 1e9:.1f} "
                          f"GFLOP/s | {v['gpu_from_law_s']:.0f} s | {v['gpu_analytic_s']:.0f} s |")
-        tot_law = sum(v["gpu_from_law_s"] for v in pred["stages"].values())
-        tot_ana = sum(v["gpu_analytic_s"] for v in pred["stages"].values())
-        lines += [f"| total | | | | {tot_law:.0f} s | {tot_ana:.0f} s |", "", raw.get("verdict", "")]
+        init = [v for k, v in pred["stages"].items() if k != "train_step"]
+        lines += [f"| init total (cov + spectrum + sensitivity) | | | | {sum(v['gpu_from_law_s'] for v in init):.0f} s "
+                  f"| {sum(v['gpu_analytic_s'] for v in init):.0f} s |", "", verdict(raw)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def verdict(raw: dict) -> str:
+    """Compare the 7B prediction (both token assumptions) with the published ~232 s and ~17 GB."""
+    out = []
+    for key, label in (("predict", "2048"), ("predict_short", "512")):
+        p = raw[key]["7B"]
+        init = [v for k, v in p["stages"].items() if k != "train_step"]
+        lo = min(sum(v["gpu_from_law_s"] for v in init), sum(v["gpu_analytic_s"] for v in init))
+        hi = max(sum(v["gpu_from_law_s"] for v in init), sum(v["gpu_analytic_s"] for v in init))
+        out.append(f"{label} tokens/sample: {lo:.0f}-{hi:.0f} s (x/÷2 for the rate assumptions)")
+    a = raw["predict"]["7B"]["analytic"]
+    gib = 2 ** 30
+    return ("Against the published figure (TLoRA's initialisation of LLaMA-2-7B: about 232 s and 17 GB on one GPU), "
+            "the predicted init time on one A100 is " + "; ".join(out) + ". Memory: bf16 weights "
+            f"{a['weights_bf16'] / gib:.1f} GiB + all float64 covariance sums {a['cov_bytes'] / gib:.1f} GiB "
+            "(what `collect_covariance` holds on the model's device) = "
+            f"{(a['weights_bf16'] + a['cov_bytes']) / gib:.0f} GiB, which cannot be 17 GB; one layer's sums are "
+            f"{a['cov_bytes_per_layer'] / gib:.2f} GiB and one "
+            f"module's spectrum work {a['spectrum_peak_bytes'] / gib:.2f} GiB, so 17 GB matches weights + a layer at "
+            "a time (or bf16 sums, as the reference code keeps C: 11 GiB for all). See deploy/SCALING.md.")
 
 
 def main() -> None:
@@ -443,6 +523,9 @@ def main() -> None:
     raw["fits"] = fit_all(raw["results"])
     raw["predict"] = {m: predict_llama(raw["fits"], raw["results"], m) for m in LLAMA2}
     raw["predict_short"] = {m: predict_llama(raw["fits"], raw["results"], m, seq=512) for m in LLAMA2}
+    if any(r["point"]["model"] == "smollm2" for r in raw["results"]):
+        raw["capacity"] = {m: capacity(raw, m) for m in LLAMA2}
+        print(json.dumps(raw["capacity"], indent=1))
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     raw_path.write_text(json.dumps(raw, indent=1))
     plot(raw["results"], raw["fits"], "_quick" if args.quick else "")
