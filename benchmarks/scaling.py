@@ -491,9 +491,11 @@ def verdict(raw: dict) -> str:
             f"{a['weights_bf16'] / gib:.1f} GiB + all float64 covariance sums {a['cov_bytes'] / gib:.1f} GiB "
             "(what `collect_covariance` holds on the model's device) = "
             f"{(a['weights_bf16'] + a['cov_bytes']) / gib:.0f} GiB, which cannot be 17 GB; one layer's sums are "
-            f"{a['cov_bytes_per_layer'] / gib:.2f} GiB and one "
-            f"module's spectrum work {a['spectrum_peak_bytes'] / gib:.2f} GiB, so 17 GB matches weights + a layer at "
-            "a time (or bf16 sums, as the reference code keeps C: 11 GiB for all). See deploy/SCALING.md.")
+            f"{a['cov_bytes_per_layer'] / gib:.2f} GiB and one module's spectrum work "
+            f"{a['spectrum_peak_bytes'] / gib:.2f} GiB, so weights + one layer at a time make "
+            f"{(a['weights_bf16'] + a['cov_bytes_per_layer'] + a['spectrum_peak_bytes']) / gib:.1f} GiB, close to "
+            "17 GB; all sums in bf16 (as the reference code keeps C) would make "
+            f"{(a['weights_bf16'] + a['cov_bytes'] / 4) / gib:.0f} GiB. See deploy/SCALING.md.")
 
 
 def main() -> None:
