@@ -10,7 +10,7 @@ during the stage. Times are medians of ``--repeats`` runs. Power laws ``y = a·x
 squares in log-log space per stage and factor; the laws plus analytic FLOP counts predict LLaMA-2 costs
 (see ``predict_llama`` and deploy/SCALING.md).
 
-    python benchmarks/scaling.py            # full run (~10 min on 1 thread)
+    python benchmarks/scaling.py            # full run (~6 CPU-min of stages on 1 thread; 27 min wall on a busy host)
     python benchmarks/scaling.py --quick    # smoke run (~2 min; small points, 1 repeat)
     python benchmarks/scaling.py --report   # refit, replot and rewrite RESULTS.md from results/scaling.json
 """
@@ -406,7 +406,8 @@ def report(raw: dict) -> str:
     """The RESULTS.md section: setup, fitted laws, points, the SmolLM2 check and the LLaMA-2-7B prediction."""
     results, fits = raw["results"], raw["fits"]
     lines = [f"{HEADING} (`benchmarks/scaling.py`)", "", raw["machine"], "",
-             f"Command: `{raw['command']}` ({raw['elapsed_s']:.0f} s). Random-weight Llama models from `LlamaConfig` "
+             f"Command: `{raw['command']}` ({raw['elapsed_s']:.0f} s wall on the shared host; the stages' CPU time "
+             f"totals {sum(sum(sum(v) for v in r['times_s'].values()) for r in results):.0f} s). Random-weight Llama models from `LlamaConfig` "
              f"({BASE['layers']} layers, vocab {VOCAB}, intermediate = 8/3·d, head_dim 64); base point d={BASE['d']}, "
              f"T={BASE['T']}, n={BASE['n']}; one factor varied at a time. Covariance in float32 GEMMs with batches "
              f"of 4, spectrum r_max={R_MAX} solver `auto`, sensitivity `per_sample`, init r={RANK} balanced, train "
