@@ -407,7 +407,8 @@ def report(raw: dict) -> str:
     results, fits = raw["results"], raw["fits"]
     lines = [f"{HEADING} (`benchmarks/scaling.py`)", "", raw["machine"], "",
              f"Command: `{raw['command']}` ({raw['elapsed_s']:.0f} s wall on the shared host; the stages' CPU time "
-             f"totals {sum(sum(sum(v) for v in r['times_s'].values()) for r in results):.0f} s). Random-weight Llama models from `LlamaConfig` "
+             f"totals {sum(sum(sum(v) for v in r['times_s'].values()) for r in results):.0f} s). "
+             "Random-weight Llama models from `LlamaConfig` "
              f"({BASE['layers']} layers, vocab {VOCAB}, intermediate = 8/3·d, head_dim 64); base point d={BASE['d']}, "
              f"T={BASE['T']}, n={BASE['n']}; one factor varied at a time. Covariance in float32 GEMMs with batches "
              f"of 4, spectrum r_max={R_MAX} solver `auto`, sensitivity `per_sample`, init r={RANK} balanced, train "
