@@ -17,6 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from flows.train_ddp import DDPJob, run
 from tests.conftest import build_tiny, build_tiny_tokenizer
 from tests.flows.conftest import write_task
 from tlora.adapters import AdapterInfo, init_adapters, save_adapters
@@ -47,12 +48,11 @@ def job(tmp_path_factory) -> dict:
 
 
 def launch(job: dict, out: Path, *, ranks: int, batch_size: int) -> None:
-    """``torchrun`` (ranks > 1) or plain ``python -m flows.train_ddp``; the whole process group dies on timeout."""
+    """``torchrun --nproc_per_node <ranks> -m flows.train_ddp``; the whole process group dies on timeout."""
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump({**job, "output": str(out), "batch_size": batch_size}))
-    entry = ["-m", "flows.train_ddp", str(path)]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), *entry] if ranks > 1 else [sys.executable, *entry])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "flows.train_ddp", str(path)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -74,7 +74,8 @@ def free_port() -> int:
 
 def test_two_ranks_average_gradients_like_one_process_over_the_global_batch(job, tmp_path):
     launch(job, tmp_path / "ddp", ranks=2, batch_size=2)
-    launch(job, tmp_path / "single", ranks=1, batch_size=4)
+    torch.set_num_threads(1)
+    run(DDPJob.model_validate({**job, "output": tmp_path / "single", "batch_size": 4}))  # the reference, in-process
     reports = [json.loads((tmp_path / "ddp" / "ranks" / f"{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"], r["steps"]) for r in reports] == [(0, 2, STEPS), (1, 2, STEPS)]
     assert reports[0]["trainable_digest"] == reports[1]["trainable_digest"]  # both ranks hold the same B
