@@ -7,6 +7,11 @@ The task side (model to sensitivity) is computed once per invocation and shared 
 (budget, method): its allocation and everything below. Methods that need no spectrum or no scores (LoRA, PiSSA,
 ablations) skip those stages. A calibration mixture calibrates each dataset on its own (cached per dataset) and
 mixes the partial sums. ``pipeline`` runs the config's own branch, ``sweep`` several in one flow run.
+
+Train, evaluate and merge are the stages that want a GPU. By default they run in the calling process, like the
+rest. Given ``gpu_deployment`` (``tlora-train/gpu`` in deploy/prefect.yaml), each branch runs them as a run of that
+deployment of the ``tlora-train`` flow, on the gpu work pool, and waits for it; the stages' artifacts and MLflow
+runs land in the same store and parent run as if they had run here (the store must be shared with the gpu workers).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 from prefect import flow
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
@@ -77,20 +83,31 @@ class PipelineResult(BaseModel):
 
 
 @flow(name="tlora-pipeline")
-def pipeline(config: PipelineConfig, progress: bool = False) -> PipelineResult:
-    """TLoRA end to end for the config's own budget and method."""
-    return run_branches(config, [(config.allocation.budget, config.method)], progress=progress)
+def pipeline(config: PipelineConfig, progress: bool = False, gpu_deployment: str | None = None) -> PipelineResult:
+    """TLoRA end to end for the config's own budget and method (train → merge on ``gpu_deployment`` if given)."""
+    return run_branches(config, [(config.allocation.budget, config.method)], progress=progress,
+                        gpu_deployment=gpu_deployment)
 
 
 @flow(name="tlora-sweep")
 def sweep(config: PipelineConfig, budgets: list[Budget | None], methods: list[Method],
-          progress: bool = False) -> PipelineResult:
+          progress: bool = False, gpu_deployment: str | None = None) -> PipelineResult:
     """Every (budget, method) pair in one flow run, sharing the task-side stages."""
-    return run_branches(config, [(b, m) for m in methods for b in budgets], progress=progress)
+    return run_branches(config, [(b, m) for m in methods for b in budgets], progress=progress,
+                        gpu_deployment=gpu_deployment)
+
+
+@flow(name="tlora-train")
+def train_stages(ctx: RunContext, config: PipelineConfig, model: StageResult, init: StageResult) -> list[StageResult]:
+    """Train → evaluate (→ merge) of one branch, on this machine's own device: what the gpu pool runs."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ctx = ctx.model_copy(update={"device": resolve_device(config.device)})
+    return [s for s in gpu_stages(ctx, config, model, init) if s is not None]
 
 
 def run_branches(config: PipelineConfig, branches: list[tuple[Budget | None, Method]], *,
-                 progress: bool = False) -> PipelineResult:
+                 progress: bool = False, gpu_deployment: str | None = None) -> PipelineResult:
     """The flow body: open the parent run, prepare the task side once, run each branch, close the run."""
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -98,7 +115,8 @@ def run_branches(config: PipelineConfig, branches: list[tuple[Budget | None, Met
     tracker = ctx.tracker()
     try:
         up = prepare_task(ctx, config, [m for _, m in branches])
-        done = [run_branch(ctx, config.with_branch(budget=b, method=m), up) for b, m in branches]
+        done = [run_branch(ctx, config.with_branch(budget=b, method=m), up, gpu_deployment=gpu_deployment)
+                for b, m in branches]
     except BaseException:
         tracker.finish(ctx.parent_run_id, status="FAILED")
         raise
@@ -126,16 +144,51 @@ def prepare_task(ctx: RunContext, cfg: PipelineConfig, methods: list[Method]) ->
                     sensitivity=sensitivity)
 
 
-def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream) -> Branch:
+def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream, *, gpu_deployment: str | None = None) -> Branch:
     """Allocation → init → train → evaluate (→ merge) for the config's budget and method."""
     allocation = call(ctx, adapt.allocation, adapt.AllocationParams.of(cfg, up.model, up.sensitivity))
     init = call(ctx, adapt.init, adapt.InitParams.of(cfg, up.model, allocation, up.spectrum))
-    trained = call(ctx, adapt.train, adapt.TrainParams.of(cfg, up.model, init))
-    evaluated = call(ctx, adapt.evaluate, adapt.EvaluateParams.of(cfg, up.model, trained))
-    merged = call(ctx, adapt.merge, adapt.MergeParams.of(cfg, up.model, trained)) if cfg.merge.enabled else None
+    if gpu_deployment is not None:
+        run_on_gpu_pool(gpu_deployment, ctx, cfg, up.model, init)
+    trained, evaluated, merged = gpu_stages(ctx, cfg, up.model, init)  # after a gpu run: its verified artifacts
     metrics = yaml.safe_load((ctx.open(evaluated) / "metrics.json").read_text())
     return Branch(method=cfg.method.label, budget=cfg.allocation.budget, allocation=allocation, init=init,
                   train=trained, evaluate=evaluated, merge=merged, metrics=metrics)
+
+
+def gpu_stages(ctx: RunContext, cfg: PipelineConfig, model: StageResult,
+               init: StageResult) -> tuple[StageResult, StageResult, StageResult | None]:
+    """Train → evaluate (→ merge): the stages a gpu pool runs."""
+    trained = call(ctx, adapt.train, adapt.TrainParams.of(cfg, model, init))
+    evaluated = call(ctx, adapt.evaluate, adapt.EvaluateParams.of(cfg, model, trained))
+    merged = call(ctx, adapt.merge, adapt.MergeParams.of(cfg, model, trained)) if cfg.merge.enabled else None
+    return trained, evaluated, merged
+
+
+def run_on_gpu_pool(deployment: str, ctx: RunContext, cfg: PipelineConfig, model: StageResult,
+                    init: StageResult) -> None:
+    """Run ``tlora-train`` for this branch as a run of ``deployment`` and wait; fail unless it left the adapter.
+
+    The gpu run records its stages under this invocation's MLflow parent run and writes them to this store, so
+    the caller then finds them verified (nothing is computed twice).
+    """
+    parameters = {"ctx": ctx.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
+                  "model": model.model_dump(mode="json"), "init": init.model_dump(mode="json")}
+    log.info("train, evaluate%s on deployment %s", ", merge" if cfg.merge.enabled else "", deployment)
+    run = run_deployment(deployment, parameters=parameters, poll_interval=2,
+                         tags=["tlora", f"tlora.method:{cfg.method.label}"])
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise RuntimeError(f"flow run {run.name} ({run.id}) of deployment {deployment} ended {state}")
+    key = adapt.TrainParams.of(cfg, model, init).key("train")
+    if ctx.store().verify("train", key) is None:
+        raise RuntimeError(f"deployment {deployment} completed, but no trained adapter {key[:12]} is in "
+                           f"{ctx.stages}: the gpu workers must share the store (store.stages) with this one")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` as ``cuda`` where this machine has a GPU, else ``cpu``; anything else as given."""
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def mix(ctx: RunContext, mix_task, parts: list[StageResult], weights: list[float]) -> StageResult:
@@ -152,9 +205,8 @@ def open_invocation(config: PipelineConfig, branches: list[tuple[Budget | None, 
     stages = config.store.stages_uri
     if "://" not in stages:
         stages = str(Path(stages).resolve())
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ctx = RunContext(stages=stages, root=root, tracking_uri=tracking_uri(config.tracking.uri, root),
-                     experiment=config.tracking.experiment, device=device, progress=progress)
+                     experiment=config.tracking.experiment, device=resolve_device(config.device), progress=progress)
     params = config.model_dump(mode="json") | {"branches": [
         {"method": m.label, "budget": b.model_dump(mode="json") if b else None} for b, m in branches]}
     run_name = f"{config.name}-{flow_run.name}" if flow_run.name else config.name
