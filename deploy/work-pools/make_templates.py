@@ -82,13 +82,20 @@ def kubernetes(base: dict[str, Any], gpu: bool) -> dict[str, Any]:
     return t
 
 
-def main() -> None:
+def templates() -> dict[str, dict[str, Any]]:
+    """``{"process-cpu.json": template, ...}``: the six templates as this script writes them."""
+    out = {}
     for kind, edit in (("process", process), ("docker", docker), ("kubernetes", kubernetes)):
         base = default_template(kind)
         for pool in ("cpu", "gpu"):
-            path = HERE / f"{kind}-{pool}.json"
-            path.write_text(json.dumps(edit(base, pool == "gpu"), indent=2) + "\n")
-            print(path.relative_to(HERE.parent.parent))
+            out[f"{kind}-{pool}.json"] = edit(base, pool == "gpu")
+    return out
+
+
+def main() -> None:
+    for name, template in templates().items():
+        (HERE / name).write_text(json.dumps(template, indent=2) + "\n")
+        print(f"deploy/work-pools/{name}")
 
 
 if __name__ == "__main__":

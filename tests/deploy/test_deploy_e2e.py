@@ -39,6 +39,10 @@ class Processes:
 
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env, self.logs, self.procs = env, logs, []
+        self.start_time, self.marks = time.perf_counter(), {}
+
+    def mark(self, event: str) -> None:
+        self.marks[event] = round(time.perf_counter() - self.start_time, 1)
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
@@ -67,6 +71,19 @@ class Processes:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.logs.glob("*.log")))
 
 
+class Retry503(httpx.HTTPTransport):
+    """Retry what a busy SQLite-backed server answers 503 (Prefect's own client does the same)."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for wait in (1, 2, 4, 8):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.close()
+            time.sleep(wait)
+        return super().handle_request(request)
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory) -> Iterator[tuple[httpx.Client, Processes, Path]]:
     """A Prefect server on a free port, the two pools from deploy/work-pools/, the deployments, a worker per pool."""
@@ -77,21 +94,29 @@ def deployed(tmp_path_factory) -> Iterator[tuple[httpx.Client, Processes, Path]]
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO", "PYTHONPATH": str(REPO),
            "TLORA_REPO": str(REPO), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PREFECT_SERVER_DATABASE_TIMEOUT": "60",  # SQLite under a busy machine: wait for the lock, not 503
            "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     procs = Processes(env, home)
     try:
         procs.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+        api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=60, transport=Retry503())
         _wait(lambda: _healthy(api), 90, "the Prefect server did not answer /api/health")
-        for pool in ("cpu", "gpu"):
-            procs.run("work-pool", "create", f"tlora-{pool}", "--type", "process", "--base-job-template",
-                      f"deploy/work-pools/process-{pool}.json")
-            procs.start(f"worker-{pool}", "worker", "start", "--pool", f"tlora-{pool}", "--name", f"{pool}-worker")
+        procs.mark("server up")
+        # Both ways of making a pool from a template: `work-pool create` (cpu) and a worker that creates its own (gpu).
+        procs.start("worker-gpu", "worker", "start", "--pool", "tlora-gpu", "--type", "process", "--name",
+                    "gpu-worker", "--base-job-template", "deploy/work-pools/process-gpu.json")
+        procs.run("work-pool", "create", "tlora-cpu", "--type", "process", "--base-job-template",
+                  "deploy/work-pools/process-cpu.json")
+        procs.start("worker-cpu", "worker", "start", "--pool", "tlora-cpu", "--name", "cpu-worker")
+        _wait(lambda: api.get("/work_pools/tlora-gpu").status_code == 200, 60, "the gpu worker made no pool")
+        procs.mark("pools")
         procs.run("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
+        procs.mark("deployed")
         yield api, procs, home
     finally:
         procs.stop()
+        print("timings:", procs.marks)
 
 
 def test_the_pipeline_deployment_trains_on_the_gpu_pool_and_records_every_stage(deployed):
@@ -111,6 +136,7 @@ def test_the_pipeline_deployment_trains_on_the_gpu_pool_and_records_every_stage(
     assert response.status_code == 201, response.text  # gpu_deployment comes from the deployment's parameters
     flow_run = response.json()
     state = _wait(lambda: _final(api, flow_run["id"]), 240, "the pipeline run did not finish")
+    procs.mark("pipeline run done")
     assert state == "COMPLETED", procs.tail()
 
     runs = api.post("/flow_runs/filter", json={}).json()
