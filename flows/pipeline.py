@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from flows import adapt, prepare
 from flows.config import PipelineConfig
 from flows.lineage import tracking_uri
-from flows.stage import RunContext, StageResult, call
+from flows.stage import RunContext, StageParams, StageResult, call
 from tlora.allocation import Budget
 from tlora.methods import Method
 
@@ -148,9 +148,10 @@ def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream, *, gpu_deploy
     """Allocation → init → train → evaluate (→ merge) for the config's budget and method."""
     allocation = call(ctx, adapt.allocation, adapt.AllocationParams.of(cfg, up.model, up.sensitivity))
     init = call(ctx, adapt.init, adapt.InitParams.of(cfg, up.model, allocation, up.spectrum))
-    if gpu_deployment is not None:
-        run_on_gpu_pool(gpu_deployment, ctx, cfg, up.model, init)
-    trained, evaluated, merged = gpu_stages(ctx, cfg, up.model, init)  # after a gpu run: its verified artifacts
+    if gpu_deployment is None:
+        trained, evaluated, merged = gpu_stages(ctx, cfg, up.model, init)
+    else:
+        trained, evaluated, merged = run_on_gpu_pool(gpu_deployment, ctx, cfg, up.model, init)
     metrics = yaml.safe_load((ctx.open(evaluated) / "metrics.json").read_text())
     return Branch(method=cfg.method.label, budget=cfg.allocation.budget, allocation=allocation, init=init,
                   train=trained, evaluate=evaluated, merge=merged, metrics=metrics)
@@ -166,11 +167,11 @@ def gpu_stages(ctx: RunContext, cfg: PipelineConfig, model: StageResult,
 
 
 def run_on_gpu_pool(deployment: str, ctx: RunContext, cfg: PipelineConfig, model: StageResult,
-                    init: StageResult) -> None:
-    """Run ``tlora-train`` for this branch as a run of ``deployment`` and wait; fail unless it left the adapter.
+                    init: StageResult) -> tuple[StageResult, StageResult, StageResult | None]:
+    """Run ``tlora-train`` for this branch as a run of ``deployment``, wait, and return what it published.
 
-    The gpu run records its stages under this invocation's MLflow parent run and writes them to this store, so
-    the caller then finds them verified (nothing is computed twice).
+    The gpu run records its stages (or their reuse) under this invocation's MLflow parent run and publishes them
+    to this store; they are read back from the store's manifests, so nothing is computed or recorded twice.
     """
     parameters = {"ctx": ctx.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
                   "model": model.model_dump(mode="json"), "init": init.model_dump(mode="json")}
@@ -180,10 +181,23 @@ def run_on_gpu_pool(deployment: str, ctx: RunContext, cfg: PipelineConfig, model
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise RuntimeError(f"flow run {run.name} ({run.id}) of deployment {deployment} ended {state}")
-    key = adapt.TrainParams.of(cfg, model, init).key("train")
-    if ctx.store().verify("train", key) is None:
-        raise RuntimeError(f"deployment {deployment} completed, but no trained adapter {key[:12]} is in "
+    trained = published(ctx, "train", adapt.TrainParams.of(cfg, model, init), deployment)
+    evaluated = published(ctx, "evaluate", adapt.EvaluateParams.of(cfg, model, trained), deployment)
+    merged = published(ctx, "merge", adapt.MergeParams.of(cfg, model, trained), deployment) if cfg.merge.enabled \
+        else None
+    return trained, evaluated, merged
+
+
+def published(ctx: RunContext, stage: str, params: StageParams, deployment: str) -> StageResult:
+    """The verified artifact another flow run published for ``params`` in this invocation's store."""
+    key = params.key(stage)
+    store = ctx.store()
+    manifest = store.verify(stage, key)
+    if manifest is None:
+        raise RuntimeError(f"deployment {deployment} completed, but no {stage} artifact {key[:12]} is in "
                            f"{ctx.stages}: the gpu workers must share the store (store.stages) with this one")
+    return StageResult(stage=stage, key=key, uri=store.uri(stage, key), run_id=manifest.run_id,
+                       parent_run_id=manifest.parent_run_id, reused=manifest.parent_run_id != ctx.parent_run_id)
 
 
 def resolve_device(device: str) -> str:

@@ -146,6 +146,9 @@ def test_the_pipeline_deployment_trains_on_the_gpu_pool_and_records_every_stage(
     assert api.get(f"/flow_runs/{flow_run['id']}").json()["work_pool_name"] == "tlora-cpu"
     gpu_tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [train_run["id"]]}}}).json()
     assert sorted(t["name"].split("-")[0] for t in gpu_tasks) == sorted(GPU_STAGES)
+    cpu_tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()
+    cpu_stages = {t["name"].split("-")[0] for t in cpu_tasks} & set(STAGES)
+    assert cpu_stages == set(STAGES) - set(GPU_STAGES)  # the cpu run neither trained nor re-ran the gpu stages
 
     stages = home / "artifacts" / "stages"
     for stage in STAGES:
