@@ -9,6 +9,11 @@ ablations) skip those stages. A calibration mixture calibrates each dataset on i
 mixes the partial sums. With ``shards`` > 1, covariance and sensitivity map over shards of the samples on the
 configured runner (threads or Ray, see ``flows/shards.py``) and reduce them exactly. ``pipeline`` runs the config's
 own branch, ``sweep`` several in one flow run.
+
+Train, evaluate and merge are the stages that want a GPU. By default they run in the calling process, like the
+rest. Given ``gpu_deployment`` (``tlora-train/gpu`` in deploy/prefect.yaml), each branch runs them as a run of that
+deployment of the ``tlora-train`` flow, on the gpu work pool, and waits for it; the stages' artifacts and MLflow
+runs land in the same store and parent run as if they had run here (the store must be shared with the gpu workers).
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from pathlib import Path
 import torch
 import yaml
 from prefect import flow
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
 
 from flows import adapt, prepare, shards
 from flows.config import CalibrationSource, PipelineConfig
 from flows.lineage import tracking_uri
-from flows.stage import RunContext, StageResult, call
+from flows.stage import RunContext, StageParams, StageResult, call
 from tlora.allocation import Budget
 from tlora.methods import Method
 
@@ -81,20 +87,31 @@ class PipelineResult(BaseModel):
 
 
 @flow(name="tlora-pipeline")
-def pipeline(config: PipelineConfig, progress: bool = False) -> PipelineResult:
-    """TLoRA end to end for the config's own budget and method."""
-    return run_branches(config, [(config.allocation.budget, config.method)], progress=progress)
+def pipeline(config: PipelineConfig, progress: bool = False, gpu_deployment: str | None = None) -> PipelineResult:
+    """TLoRA end to end for the config's own budget and method (train → merge on ``gpu_deployment`` if given)."""
+    return run_branches(config, [(config.allocation.budget, config.method)], progress=progress,
+                        gpu_deployment=gpu_deployment)
 
 
 @flow(name="tlora-sweep")
 def sweep(config: PipelineConfig, budgets: list[Budget | None], methods: list[Method],
-          progress: bool = False) -> PipelineResult:
+          progress: bool = False, gpu_deployment: str | None = None) -> PipelineResult:
     """Every (budget, method) pair in one flow run, sharing the task-side stages."""
-    return run_branches(config, [(b, m) for m in methods for b in budgets], progress=progress)
+    return run_branches(config, [(b, m) for m in methods for b in budgets], progress=progress,
+                        gpu_deployment=gpu_deployment)
+
+
+@flow(name="tlora-train")
+def train_stages(ctx: RunContext, config: PipelineConfig, model: StageResult, init: StageResult) -> list[StageResult]:
+    """Train → evaluate (→ merge) of one branch, on this machine's own device: what the gpu pool runs."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ctx = ctx.model_copy(update={"device": resolve_device(config.device)})
+    return [s for s in gpu_stages(ctx, config, model, init) if s is not None]
 
 
 def run_branches(config: PipelineConfig, branches: list[tuple[Budget | None, Method]], *,
-                 progress: bool = False) -> PipelineResult:
+                 progress: bool = False, gpu_deployment: str | None = None) -> PipelineResult:
     """The flow body: open the parent run, prepare the task side once, run each branch, close the run."""
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -102,7 +119,8 @@ def run_branches(config: PipelineConfig, branches: list[tuple[Budget | None, Met
     tracker = ctx.tracker()
     try:
         up = prepare_task(ctx, config, [m for _, m in branches])
-        done = [run_branch(ctx, config.with_branch(budget=b, method=m), up) for b, m in branches]
+        done = [run_branch(ctx, config.with_branch(budget=b, method=m), up, gpu_deployment=gpu_deployment)
+                for b, m in branches]
     except BaseException:
         tracker.finish(ctx.parent_run_id, status="FAILED")
         raise
@@ -134,13 +152,14 @@ def prepare_task(ctx: RunContext, cfg: PipelineConfig, methods: list[Method]) ->
                     sensitivity=sensitivity)
 
 
-def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream) -> Branch:
+def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream, *, gpu_deployment: str | None = None) -> Branch:
     """Allocation → init → train → evaluate (→ merge) for the config's budget and method."""
     allocation = call(ctx, adapt.allocation, adapt.AllocationParams.of(cfg, up.model, up.sensitivity))
     init = call(ctx, adapt.init, adapt.InitParams.of(cfg, up.model, allocation, up.spectrum))
-    trained = call(ctx, adapt.train, adapt.TrainParams.of(cfg, up.model, init))
-    evaluated = call(ctx, adapt.evaluate, adapt.EvaluateParams.of(cfg, up.model, trained))
-    merged = call(ctx, adapt.merge, adapt.MergeParams.of(cfg, up.model, trained)) if cfg.merge.enabled else None
+    if gpu_deployment is None:
+        trained, evaluated, merged = gpu_stages(ctx, cfg, up.model, init)
+    else:
+        trained, evaluated, merged = run_on_gpu_pool(gpu_deployment, ctx, cfg, up.model, init)
     metrics = yaml.safe_load((ctx.open(evaluated) / "metrics.json").read_text())
     return Branch(method=cfg.method.label, budget=cfg.allocation.budget, allocation=allocation, init=init,
                   train=trained, evaluate=evaluated, merge=merged, metrics=metrics)
@@ -163,6 +182,54 @@ SHARDED = {"covariance": (shards.covariance_shards, shards.covariance_reduce),
            "sensitivity": (shards.sensitivity_shards, shards.sensitivity_reduce)}
 
 
+def gpu_stages(ctx: RunContext, cfg: PipelineConfig, model: StageResult,
+               init: StageResult) -> tuple[StageResult, StageResult, StageResult | None]:
+    """Train → evaluate (→ merge): the stages a gpu pool runs."""
+    trained = call(ctx, adapt.train, adapt.TrainParams.of(cfg, model, init))
+    evaluated = call(ctx, adapt.evaluate, adapt.EvaluateParams.of(cfg, model, trained))
+    merged = call(ctx, adapt.merge, adapt.MergeParams.of(cfg, model, trained)) if cfg.merge.enabled else None
+    return trained, evaluated, merged
+
+
+def run_on_gpu_pool(deployment: str, ctx: RunContext, cfg: PipelineConfig, model: StageResult,
+                    init: StageResult) -> tuple[StageResult, StageResult, StageResult | None]:
+    """Run ``tlora-train`` for this branch as a run of ``deployment``, wait, and return what it published.
+
+    The gpu run records its stages (or their reuse) under this invocation's MLflow parent run and publishes them
+    to this store; they are read back from the store's manifests, so nothing is computed or recorded twice.
+    """
+    parameters = {"ctx": ctx.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
+                  "model": model.model_dump(mode="json"), "init": init.model_dump(mode="json")}
+    log.info("train, evaluate%s on deployment %s", ", merge" if cfg.merge.enabled else "", deployment)
+    run = run_deployment(deployment, parameters=parameters, poll_interval=2,
+                         tags=["tlora", f"tlora.method:{cfg.method.label}"])
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise RuntimeError(f"flow run {run.name} ({run.id}) of deployment {deployment} ended {state}")
+    trained = published(ctx, "train", adapt.TrainParams.of(cfg, model, init), deployment)
+    evaluated = published(ctx, "evaluate", adapt.EvaluateParams.of(cfg, model, trained), deployment)
+    merged = published(ctx, "merge", adapt.MergeParams.of(cfg, model, trained), deployment) if cfg.merge.enabled \
+        else None
+    return trained, evaluated, merged
+
+
+def published(ctx: RunContext, stage: str, params: StageParams, deployment: str) -> StageResult:
+    """The verified artifact another flow run published for ``params`` in this invocation's store."""
+    key = params.key(stage)
+    store = ctx.store()
+    manifest = store.verify(stage, key)
+    if manifest is None:
+        raise RuntimeError(f"deployment {deployment} completed, but no {stage} artifact {key[:12]} is in "
+                           f"{ctx.stages}: the gpu workers must share the store (store.stages) with this one")
+    return StageResult(stage=stage, key=key, uri=store.uri(stage, key), run_id=manifest.run_id,
+                       parent_run_id=manifest.parent_run_id, reused=manifest.parent_run_id != ctx.parent_run_id)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` as ``cuda`` where this machine has a GPU, else ``cpu``; anything else as given."""
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def mix(ctx: RunContext, mix_task, parts: list[StageResult], weights: list[float]) -> StageResult:
     """A single dataset's result as is; several datasets' results mixed by per-sample weight."""
     if len(parts) == 1:
@@ -177,9 +244,8 @@ def open_invocation(config: PipelineConfig, branches: list[tuple[Budget | None, 
     stages = config.store.stages_uri
     if "://" not in stages:
         stages = str(Path(stages).resolve())
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ctx = RunContext(stages=stages, root=root, tracking_uri=tracking_uri(config.tracking.uri, root),
-                     experiment=config.tracking.experiment, device=device, progress=progress)
+                     experiment=config.tracking.experiment, device=resolve_device(config.device), progress=progress)
     params = config.model_dump(mode="json") | {"branches": [
         {"method": m.label, "budget": b.model_dump(mode="json") if b else None} for b, m in branches]}
     run_name = f"{config.name}-{flow_run.name}" if flow_run.name else config.name
