@@ -36,17 +36,21 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.enviro
 ConfigPath = Annotated[Path, typer.Argument(help="A YAML config (see configs/).", show_default=False)]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.max_steps=50.")]
 Progress = Annotated[bool, typer.Option(help="Show the library's progress bars.")]
+GpuDeployment = Annotated[str | None, typer.Option(
+    help="Run train, evaluate and merge as runs of this deployment (tlora-train/gpu, deploy/prefect.yaml) on the "
+         "gpu work pool; the store must be shared with its workers.")]
 
 
 @app.command()
-def run(config: ConfigPath, set_: Overrides = None, progress: Progress = True) -> None:
+def run(config: ConfigPath, set_: Overrides = None, progress: Progress = True,
+        gpu_deployment: GpuDeployment = None) -> None:
     """Run the whole pipeline for the config's budget and method."""
     cfg = _load(config, set_)
     _logging()
     from flows.pipeline import pipeline
 
     start = time.perf_counter()
-    result = pipeline(cfg, progress=progress)
+    result = pipeline(cfg, progress=progress, gpu_deployment=gpu_deployment)
     _report(result)
     console.print(f"done in {time.perf_counter() - start:.0f} s")
 
@@ -60,6 +64,7 @@ def sweep(
         help=f"One of {', '.join(ABLATIONS)}; repeat for several.")] = None,
     set_: Overrides = None,
     progress: Progress = True,
+    gpu_deployment: GpuDeployment = None,
 ) -> None:
     """Run several budgets and methods in one flow run, sharing the task-side stages."""
     cfg = _load(config, set_)
@@ -75,7 +80,7 @@ def sweep(
     from flows.pipeline import sweep as sweep_flow
 
     start = time.perf_counter()
-    _report(sweep_flow(cfg, budgets, methods, progress=progress))
+    _report(sweep_flow(cfg, budgets, methods, progress=progress, gpu_deployment=gpu_deployment))
     console.print(f"done in {time.perf_counter() - start:.0f} s")
 
 
