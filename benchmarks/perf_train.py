@@ -73,7 +73,11 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--report", action="store_true", help=f"only rewrite the RESULTS.md section from {RAW.name}")
     args = p.parse_args()
+    if args.report:
+        raw = json.loads(RAW.read_text())
+        return update_section(HEADING, _section(argparse.Namespace(**raw["args"]), raw["summary"]))
     if args.repeats < 3 and not args.quick:
         p.error("--repeats must be at least 3 (a median of >= 3 repeats)")
     if args.quick:
@@ -95,7 +99,7 @@ def main() -> None:
     batch = _dense_batch(tokenizer, rows, args.batch_size, args.seq_len)
     targets = find_targets(model, "all-linear")
     measure = _measure_forked if args.device == "cpu" else _measure_cuda
-    load = [os.getloadavg()[0]]
+    load, start = [os.getloadavg()[0]], time.perf_counter()
     if args.device == "cuda":  # CUDA context, cuBLAS handles and kernels load on first use: not a peer's cost
         measure(model, lambda m: _sensitivity(m, samples, targets, "naive", args.device))
 
@@ -125,6 +129,7 @@ def main() -> None:
     report = _summarise(args, sens, step, predicted, score_rel_err, n_tokens=sum(s["input_ids"].numel()
                                                                               for s in samples))
     report["load_avg_1min"] = load
+    report["run_wall_s"] = time.perf_counter() - start
     text = _section(args, report)
     print(text)
     if not args.quick:
@@ -431,6 +436,12 @@ def _section(args, rep: dict[str, Any]) -> str:
           for name, peer, measured, target, ok in checks),
         "",
         *([*missed, ""] if missed else []),
+        f"Spread of the CPU times over the repeats: sensitivity {_span(sr['streaming'])} s streaming, "
+        f"{_span(sr['naive'])} s naive; training step {_span(tr['b_only'])} s B-only, {_span(tr['lora'])} s LoRA. "
+        f"By shapes B-only skips {t['predicted_saving']['a_grad_flop_share']:.2%} of the step's matmul flops (A's "
+        f"weight gradient), so on CPU its step time ties LoRA's within this noise; what B-only saves is memory "
+        f"and optimizer state.",
+        "",
         f"Prediction of the B-only saving, from shapes: LoRA's lora_A matmul keeps its input x for A's gradient; "
         f"B-only keeps A·x (for B's gradient, as LoRA does) and A (for x's gradient), never x. One x per "
         f"shared-input group (q/k/v, gate/up share one). The o_proj input is the attention output, which SDPA "
@@ -459,6 +470,10 @@ def _times(d: dict[str, Any], ours: str, peer: str, cpu: bool) -> str:
     if not cpu:
         return f"**{d['time_ratio']:.2f}×** ({wall})"
     return f"CPU {d[ours]['cpu_s']:.2f} vs {d[peer]['cpu_s']:.2f} s = **{d['cpu_ratio']:.2f}×** ({wall})"
+
+
+def _span(lo_hi: list[float]) -> str:
+    return f"{lo_hi[0]:.2f}–{lo_hi[1]:.2f}"
 
 
 def _brief(r: dict[str, Any]) -> str:
