@@ -20,8 +20,10 @@ allocation above 64 KiB with mmap (``mallopt``), so freed tensors leave RSS at o
 tensor memory. With ``--device cuda`` the measurements run in-process on a fresh copy of the
 model with ``torch.cuda.max_memory_allocated``, and absolute throughput is reported too.
 
-    python benchmarks/perf_train.py                 # the full run (about 10 min on 1 thread)
+    python benchmarks/perf_train.py                 # the full run: ~4 min of CPU on 1 thread (14 min wall
+                                                    # on the shared 2-core machine at load average ~9)
     python benchmarks/perf_train.py --quick         # smoke run on a tiny random model (prints only)
+    python benchmarks/perf_train.py --report        # rewrite the RESULTS.md section from the raw JSON
     python benchmarks/perf_train.py --device cuda
 """
 
