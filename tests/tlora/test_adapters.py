@@ -150,3 +150,38 @@ def test_baseline_inits_train_a_and_b(tiny_model, init):
     with torch.no_grad():  # both inits preserve the base output at step 0 (PiSSA through its residual W)
         torch.testing.assert_close(peft_model(input_ids=ids).logits,
                                    tiny_model("llama", seed=1)(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _saved_activation_bytes(model, ids):
+    """Bytes of the distinct non-weight storages autograd keeps for backward during one forward pass."""
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in held:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_b_only_keeps_no_lora_a_input_for_backward(tiny_model, kind):
+    # LoRA's lora_A matmul keeps its input x for A's gradient; with A a frozen buffer autograd keeps A·x (B's
+    # gradient needs it) and A, never x. So B-only keeps one x fewer per shared-input group with an adapter,
+    # except the attention output projection's: its input is SDPA's output, which SDPA keeps anyway.
+    ids = _ids()
+    saved = {}
+    for init in ("spectrum", "lora"):
+        base = tiny_model(kind, seed=1)
+        targets = find_targets(base, "all-linear")
+        allocation = _allocation(targets, ranks=[2, 5, 0, 3])
+        spectrum = _random_spectrum(base, targets) if init == "spectrum" else None
+        saved[init] = _saved_activation_bytes(init_adapters(base, spectrum, allocation, init=init), ids)
+    adapted = {n for n, m in allocation.modules.items() if m.rank > 0}
+    inputs = [g for g, members in targets.groups.items()
+              if adapted & set(members) and not g.endswith(("self_attn.o_proj", "attn.c_proj"))]
+    assert len(inputs) >= 4
+    assert saved["lora"] - saved["spectrum"] == sum(targets[g].d_in for g in inputs) * ids.numel() * 4
