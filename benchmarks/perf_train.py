@@ -79,6 +79,7 @@ def main() -> None:
     args = p.parse_args()
     if args.report:
         raw = json.loads(RAW.read_text())
+        torch.set_num_threads(raw["args"]["threads"])  # the machine line names the run's thread count
         return update_section(HEADING, _section(argparse.Namespace(**raw["args"]), raw["summary"]))
     if args.repeats < 3 and not args.quick:
         p.error("--repeats must be at least 3 (a median of >= 3 repeats)")
