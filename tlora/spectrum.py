@@ -16,7 +16,7 @@ residuals put every prefix within ``RANDOMIZED_SINE`` of its exact subspace, or,
 singular value nearly coincides with the next one (relative gap below ``NEAR_GAP``: the subspace itself is
 ill-defined there), when they put its captured energy ‖M·Aᵀ‖²_F within ``RANDOMIZED_ENERGY`` of the exact.
 It falls back to ``exact`` when it does not get there in ``RANDOMIZED_MAX_ITER`` steps. ``auto`` takes it
-wherever the block is at most half of the Gram's dimension (where it is several times faster than a full
+wherever the block is under half of the Gram's dimension (where it is several times faster than a full
 SVD), and the gram/exact rule above elsewhere.
 Invariant (tested): rows orthonormal, and the span of every prefix equals the exact SVD's within tolerance
 (or, across a near-coincident pair, its energy does).
@@ -183,7 +183,7 @@ def _top_right_singular(m: torch.Tensor, r: int, solver: Solver) -> tuple[torch.
     """Top-r right singular vectors ``[r, d_in]`` and values ``[r]`` of m, and the solver that made them."""
     if solver == "exact":
         return (*_exact(m, r), "exact")
-    if solver == "randomized" or (solver == "auto" and 2 * _block(r) <= min(m.shape)):
+    if solver == "randomized" or (solver == "auto" and 2 * _block(r) < min(m.shape)):
         found = _randomized(m, r)
         return (*found, "randomized") if found is not None else (*_exact(m, r), "exact")
     v, s, sigma = _gram(m, r)
