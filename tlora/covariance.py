@@ -7,7 +7,7 @@ response alike, never padding) and μ_s their mean:
     S_g = Σ_s (X_s − 1·μ_sᵀ)ᵀ (X_s − 1·μ_sᵀ)        C_g = S_g / n_samples
 
 Invariants (tested): S is kept as float64 sums plus counts, so shards add up (:func:`merge_covariances`)
-and any batch size or padding side gives the S of batch size 1. Each sample is centred *before* the GEMM
+and any batch size or padding side gives the S of batch size 1; S is exactly symmetric (stored packed). Each sample is centred *before* the GEMM
 rather than through Σxxᵀ − n·μμᵀ, which cancels catastrophically when |μ| is large against the spread.
 The artifact is ``covariance.zarr`` (DESIGN §2): one float64 ``[d_in, d_in]`` array per group.
 """
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from tlora._zarr_store import open_complete, read_float64, writing
+from tlora._zarr_store import open_complete, read_float64, write_matrix, writing
 from tlora.models import model_fingerprint as fingerprint_model
 from tlora.targets import Targets, TargetSpec, find_targets, get_module
 
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 Centering = Literal["per_sample"]
 Precision = Literal["float32", "float64"]
 _FORWARD_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-_CHUNK = 1024  # a 1024² float64 chunk is 8 MiB: whole matrices for small models, tiles for large ones
 
 
 class CovarianceStats(BaseModel):
@@ -163,7 +162,8 @@ def collect_covariance(
             h.remove()
         model.train(was_training)
     cov = Covariance(
-        sums={g: acc.sums[g].cpu() for g in targets.groups},  # module order, not call order
+        # module order, not call order; (S + Sᵀ)/2 makes the sums exactly symmetric (the GEMM need not)
+        sums={g: ((acc.sums[g] + acc.sums[g].T) / 2).cpu() for g in targets.groups},
         modules={name: t.group for name, t in targets.modules.items()},
         n_tokens=acc.n_tokens, n_samples=acc.n_samples, centering="per_sample",
         model_fingerprint=model_fingerprint, data_fingerprint=data_fingerprint)
@@ -202,19 +202,18 @@ def merge_covariances(parts: Sequence[Covariance], *, data_fingerprint: str | No
                       model_fingerprint=first.model_fingerprint, data_fingerprint=data_fingerprint)
 
 
-def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = "auto") -> None:
+def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = None) -> None:
     """Write ``cov`` as a Zarr v3 group: one float64 array per group, the rest as attributes.
 
-    ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
-    ``compressors`` is passed to zarr's ``create_array`` (``"auto"``: zarr's default, Zstd).
+    Each (symmetric) sum is stored as its packed upper triangle (:mod:`tlora._zarr_store`): half the bytes,
+    bit-exact. ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused
+    on load. ``compressors`` is passed to zarr's ``create_array``; by default none: float64 sums compress by
+    less than 2× and compressing costs several times the write itself (``benchmarks/perf_stats.py``).
     """
     names = {group: _array_name(group, i) for i, group in enumerate(cov.sums)}
     with writing(path) as root:
         for group, s in cov.sums.items():
-            d = s.shape[0]
-            arr = root.create_array(name=names[group], shape=tuple(s.shape), dtype="float64",
-                                    chunks=(min(d, _CHUNK), min(d, _CHUNK)), compressors=compressors)
-            arr[...] = s.numpy()
+            write_matrix(root, names[group], s, compressors=compressors)
         root.attrs.update({
             "modules": {m: names[g] for m, g in cov.modules.items()}, "n_tokens": cov.n_tokens,
             "n_samples": cov.n_samples, "centering": cov.centering, "model_fingerprint": cov.model_fingerprint,
