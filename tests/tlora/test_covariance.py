@@ -222,3 +222,27 @@ def test_collected_sums_are_exactly_symmetric(tiny_model, samples, batches):
     for precision in ("float32", "float64"):
         cov = collect(tiny_model("llama"), batches(samples(3), 2), precision=precision)
         assert all(torch.equal(s, s.T) for s in cov.sums.values()), precision
+
+
+class _Odd(torch.nn.Module):
+    """Embedding of width 7 (not a multiple of the 4 accumulation blocks) into one linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(20, 7)
+        self.proj = torch.nn.Linear(7, 5)
+
+    def forward(self, input_ids, attention_mask):
+        return self.proj(self.embed(input_ids) * 3.0 + 1.0)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_block_accumulation_matches_oracle_at_any_width(precision, samples, batches):
+    model = _Odd()
+    data = [{k: v.clamp(max=19) if k == "input_ids" else v for k, v in s.items()} for s in samples(5, seed=7)]
+    cov = collect_covariance(model, batches(data, 2), find_targets(model, ["proj"]), precision=precision,
+                             progress=False)
+    expected = oracle(model, data, ["proj"])["proj"]
+    assert torch.equal(cov.sums["proj"], cov.sums["proj"].T)
+    assert rel_err(cov.sums["proj"], expected) < (1e-12 if precision == "float64" else 1e-6)
