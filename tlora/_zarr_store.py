@@ -57,9 +57,10 @@ def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compresso
     """Store a float64 ``[d, d]`` matrix under ``name``: packed if it is exactly symmetric, else in full."""
     a = matrix.detach().cpu().numpy()
     d = a.shape[0]
-    if a.ndim == 2 and a.shape == (d, d) and np.array_equal(a, a.T):
+    if a.ndim == 2 and a.shape == (d, d) and _is_symmetric(a):
         shape = (d + 1, d // 2) if d % 2 == 0 else (d, (d + 1) // 2)
-        values, attrs = a[_upper_mask(d)].reshape(shape), {"layout": PACKED, "d": d}
+        values = np.concatenate([a[i, i:] for i in range(d)]).reshape(shape)  # row by row: contiguous slices
+        attrs = {"layout": PACKED, "d": d}
     else:
         values, attrs = a, {}
     rows = max(1, min(values.shape[0], _CHUNK_VALUES // max(1, values.shape[1])))
@@ -70,17 +71,32 @@ def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compresso
 
 PACKED = "packed_upper"
 _CHUNK_VALUES = 1 << 22  # 32 MiB of float64 per chunk at most
+_TILE = 64  # transposes go tile by tile: a 64² float64 tile (32 KiB) stays in L1
 
 
-def _upper_mask(d: int) -> np.ndarray:
-    return np.triu(np.ones((d, d), dtype=bool))  # [d, d]; boolean indexing walks it row by row
+def _tiles(d: int) -> list[tuple[int, int]]:
+    return [(i, min(i + _TILE, d)) for i in range(0, d, _TILE)]
+
+
+def _is_symmetric(a: np.ndarray) -> bool:
+    tiles = _tiles(a.shape[0])
+    return all(np.array_equal(a[i0:i1, j0:j1], a[j0:j1, i0:i1].T) for i0, i1 in tiles for j0, j1 in tiles if j0 >= i0)
 
 
 def _unpack_upper(packed: np.ndarray, d: int) -> np.ndarray:
-    mask = _upper_mask(d)
     if packed.shape != (d * (d + 1) // 2,):
         raise ValueError(f"a packed [{d}, {d}] matrix needs {d * (d + 1) // 2} values, the store holds {packed.size}")
     out = np.empty((d, d), dtype=np.float64)
-    out[mask] = packed
-    out.T[mask] = packed  # the mirror image fills the lower triangle
+    start = 0
+    for i in range(d):
+        out[i, i:] = packed[start:start + d - i]
+        start += d - i
+    tiles = _tiles(d)
+    for i0, i1 in tiles:  # the mirror image fills the lower triangle
+        for j0, j1 in tiles:
+            if j0 > i0:
+                out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
+        diag = out[i0:i1, i0:i1]
+        lower = np.tril_indices(i1 - i0, -1)
+        diag[lower] = diag.T[lower]
     return out
