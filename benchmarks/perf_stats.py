@@ -60,7 +60,16 @@ def main() -> None:
     p.add_argument("--r-max", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny random model, 1 repeat; prints, writes nothing")
+    p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md from results/perf_stats.json")
     args = p.parse_args()
+    if args.report:
+        out = json.loads(RAW.read_text())
+        if "macs_per_token" not in out:  # written before the figure existed: the shapes give it
+            out["macs_per_token"] = macs_per_token(find_targets(tlora.load_model("demo")[0], "all-linear"))
+            RAW.write_text(json.dumps(out, indent=1))
+        update_section(HEADING, text := report(out, argparse.Namespace(**out["args"])))
+        print(text)
+        return
     torch.set_num_threads(args.threads)
     if args.quick:
         args.n_calib, args.max_length, args.r_max, args.repeats = 4, 48, 8, 1
@@ -73,7 +82,7 @@ def main() -> None:
     targets = find_targets(model, "all-linear")
     fingerprint = model_fingerprint(model)
     out: dict = {"args": vars(args), "n_modules": len(targets.modules), "n_groups": len(targets.groups),
-                 "n_tokens": int(calib.attention_mask.sum())}
+                 "n_tokens": int(calib.attention_mask.sum()), "macs_per_token": macs_per_token(targets)}
     print(f"{out['n_modules']} modules, {out['n_groups']} groups, {out['n_tokens']} tokens", flush=True)
     out["covariance"], cov = bench_covariance(model, calib, targets, fingerprint, args)
     load.append(os.getloadavg()[0])
@@ -110,6 +119,16 @@ def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, tlora.data.Calibra
     calib = build_calibration(train, tokenizer, task="stdlib-code", n_calib=args.n_calib, seed=0,
                               max_length=args.max_length, indices=indices)
     return model, calib
+
+
+def macs_per_token(targets) -> dict[str, float]:
+    """Multiply-adds per token: the target linears' forward, CorDA's XᵀX per module, tlora's per group."""
+    mods = targets.modules.values()
+    d = {g: targets.modules[g].d_in for g in targets.groups}
+    blocks = 4  # tlora.covariance._BLOCKS: (B+1)/2B of the full XᵀX
+    return {"forward_linears": float(sum(t.d_in * t.d_out for t in mods)),
+            "corda": float(sum(t.d_in ** 2 for t in mods)),
+            "tlora": float(sum(x ** 2 for x in d.values()) * (blocks + 1) / (2 * blocks))}
 
 
 def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None]
@@ -314,7 +333,7 @@ def report(out: dict, args: argparse.Namespace) -> str:
         return "met" if ok else "**missed**"
 
     cmd = "python benchmarks/perf_stats.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "quick")
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("quick", "report"))
     ct = c["times"]
     model_name = "a tiny random Llama (--quick)" if args.quick else "SmolLM2-135M-Instruct"
     lines = [
@@ -376,6 +395,16 @@ def report(out: dict, args: argparse.Namespace) -> str:
         f"zstd-5, bit shuffle) on top of the packing: write {st['codec_write_ratio']:.2f}×, read "
         f"{st['codec_read_ratio']:.2f}×, size {st['codec_size_ratio']:.2f}× of numpy's.",
     ]
+    mac = {k: v / 1e6 for k, v in out["macs_per_token"].items()}
+    lines.append(
+        f"- **Work per token.** The target linears' forward: {mac['forward_linears']:.1f} M multiply-adds; "
+        f"CorDA's XᵀX per module: {mac['corda']:.1f} M; tlora's per shared-input group, upper block rows: "
+        f"{mac['tlora']:.1f} M (the full XᵀX would be {mac['tlora'] * 8 / 5:.1f} M). From the arithmetic alone, "
+        f"tlora's covariance costs (forward + its GEMMs)/forward ≈ "
+        f"{(mac['forward_linears'] + mac['tlora']) / mac['forward_linears']:.2f}× a forward, and CorDA's "
+        f"(forward + its GEMMs)/(forward + tlora's) ≈ "
+        f"{(mac['forward_linears'] + mac['corda']) / (mac['forward_linears'] + mac['tlora']):.2f}× tlora's; "
+        "measured ratios above that are batching, hook and GEMM-shape effects.")
     if args.device == "cuda":
         lines.append(f"- **Throughput ({args.device}).** covariance {ct['tlora']['tokens_per_s']:.0f} tokens/s "
                      f"(forward {ct['forward']['tokens_per_s']:.0f}); spectrum "
