@@ -7,9 +7,12 @@ response alike, never padding) and μ_s their mean:
     S_g = Σ_s (X_s − 1·μ_sᵀ)ᵀ (X_s − 1·μ_sᵀ)        C_g = S_g / n_samples
 
 Invariants (tested): S is kept as float64 sums plus counts, so shards add up (:func:`merge_covariances`)
-and any batch size or padding side gives the S of batch size 1. Each sample is centred *before* the GEMM
-rather than through Σxxᵀ − n·μμᵀ, which cancels catastrophically when |μ| is large against the spread.
-The artifact is ``covariance.zarr`` (DESIGN §2): one float64 ``[d_in, d_in]`` array per group.
+and any batch size or padding side gives the S of batch size 1; S is exactly symmetric. Each sample is
+centred *before* the GEMM rather than through Σxxᵀ − n·μμᵀ, which cancels catastrophically when |μ| is
+large against the spread. Only the upper block rows of S are accumulated (5/8 of the GEMM work, which is
+as large as the forward pass's own) and mirrored once at the end.
+The artifact is ``covariance.zarr`` (DESIGN §2): one float64 ``[d_in, d_in]`` matrix per group, stored as
+its packed upper triangle (:mod:`tlora._zarr_store`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from tlora._zarr_store import open_complete, read_float64, writing
+from tlora._zarr_store import open_complete, read_float64, write_matrix, writing
 from tlora.models import model_fingerprint as fingerprint_model
 from tlora.targets import Targets, TargetSpec, find_targets, get_module
 
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 Centering = Literal["per_sample"]
 Precision = Literal["float32", "float64"]
 _FORWARD_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-_CHUNK = 1024  # a 1024² float64 chunk is 8 MiB: whole matrices for small models, tiles for large ones
+_BLOCKS = 4  # S is accumulated in 4 block rows, upper part only; mirrored once at the end
 
 
 class CovarianceStats(BaseModel):
@@ -167,7 +170,7 @@ def collect_covariance(
             h.remove()
         model.train(was_training)
     cov = Covariance(
-        sums={g: acc.sums[g].cpu() for g in targets.groups},  # module order, not call order
+        sums={g: acc.result(g).cpu() for g in targets.groups},  # module order, not call order
         modules={name: t.group for name, t in targets.modules.items()},
         n_tokens=acc.n_tokens, n_samples=acc.n_samples, centering="per_sample",
         model_fingerprint=model_fingerprint, data_fingerprint=data_fingerprint)
@@ -206,19 +209,18 @@ def merge_covariances(parts: Sequence[Covariance], *, data_fingerprint: str | No
                       model_fingerprint=first.model_fingerprint, data_fingerprint=data_fingerprint)
 
 
-def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = "auto") -> None:
+def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = None) -> None:
     """Write ``cov`` as a Zarr v3 group: one float64 array per group, the rest as attributes.
 
-    ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
-    ``compressors`` is passed to zarr's ``create_array`` (``"auto"``: zarr's default, Zstd).
+    Each (symmetric) sum is stored as its packed upper triangle (:mod:`tlora._zarr_store`): half the bytes,
+    bit-exact. ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused
+    on load. ``compressors`` is passed to zarr's ``create_array``; by default none: float64 sums compress by
+    less than 2× and compressing costs several times the write itself (``benchmarks/perf_stats.py``).
     """
     names = {group: _array_name(group, i) for i, group in enumerate(cov.sums)}
     with writing(path) as root:
         for group, s in cov.sums.items():
-            d = s.shape[0]
-            arr = root.create_array(name=names[group], shape=tuple(s.shape), dtype="float64",
-                                    chunks=(min(d, _CHUNK), min(d, _CHUNK)), compressors=compressors)
-            arr[...] = s.numpy()
+            write_matrix(root, names[group], s, compressors=compressors)
         root.attrs.update({
             "modules": {m: names[g] for m, g in cov.modules.items()}, "n_tokens": cov.n_tokens,
             "n_samples": cov.n_samples, "centering": cov.centering, "model_fingerprint": cov.model_fingerprint,
@@ -302,18 +304,30 @@ class _Accumulator:
             x = x.reshape(b * t, x.shape[-1]).index_select(0, self.rows).to(self.dtype)  # [N, d]
             mean = torch.zeros(b, x.shape[1], dtype=self.dtype, device=x.device).index_add_(0, self.sample, x)
             xc = x - (mean / self.counts)[self.sample]
+            d = x.shape[1]
             if group not in self.sums:
-                self.sums[group] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-            if self.dtype == torch.float64:
-                self.sums[group].addmm_(xc.T, xc)
-            else:
-                self.sums[group].add_(xc.T @ xc)  # float32 GEMM, float64 accumulation across batches
+                self.sums[group] = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+            # Only the block rows' upper part, [i0:i1, i0:]: (B+1)/2B of the GEMM (5/8 with 4 blocks).
+            for i0, i1 in _blocks(d):
+                part = self.sums[group][i0:i1, i0:]
+                if self.dtype == torch.float64:
+                    part.addmm_(xc[:, i0:i1].T, xc[:, i0:])
+                else:
+                    part.add_(xc[:, i0:i1].T @ xc[:, i0:])  # float32 GEMM, float64 accumulation across batches
             self.calls[group] += 1
             # Kept as a tensor and read after the forward pass: one device sync per batch, not per module.
             finite = torch.isfinite(x).all()
             self.finite[group] = finite & self.finite[group] if group in self.finite else finite
 
         return pre_hook
+
+    def result(self, group: str) -> torch.Tensor:
+        """The group's full S from its upper block rows: U + Uᵀ, diagonal blocks halved (exactly symmetric)."""
+        upper = self.sums[group]
+        full = upper + upper.T
+        for i0, i1 in _blocks(upper.shape[0]):
+            full[i0:i1, i0:i1] /= 2
+        return full
 
     def finish(self, j: int) -> None:
         """Check the batch just run: every group saw its input, and only finite values (module order)."""
@@ -323,6 +337,12 @@ class _Accumulator:
             if not bool(self.finite[group]):
                 shared = f" (shared by {', '.join(members[1:])})" if len(members) > 1 else ""
                 raise ValueError(f"non-finite (NaN/Inf) input activations at module {group!r}{shared} in batch {j}")
+
+
+def _blocks(d: int, n: int = _BLOCKS) -> list[tuple[int, int]]:
+    """``n`` (or fewer) consecutive index ranges covering ``range(d)``."""
+    size = -(-d // n)
+    return [(i, min(i + size, d)) for i in range(0, d, size)]
 
 
 def _array_name(group: str, index: int) -> str:

@@ -10,7 +10,16 @@ Solvers: ``exact`` is ``torch.linalg.svd`` (the oracle); ``gram`` takes the eige
 Gram matrix (MᵀM, or MMᵀ when d_out < d_in, then V = MᵀU/σ). Squaring M squares its condition, so
 ``auto`` keeps the gram result only where a Davis–Kahan bound puts every prefix subspace within
 ``GRAM_TOLERANCE`` of the exact one, and falls back to ``exact`` per module elsewhere.
-Invariant (tested): rows orthonormal, and the span of every prefix equals the exact SVD's within tolerance.
+``randomized`` is block subspace iteration on the smaller Gram matrix with a block of ``2·r`` vectors,
+finished by a Rayleigh–Ritz step on M itself (the SVD of the thin ``M·Q``); it stops when the Ritz
+residuals put every prefix within ``RANDOMIZED_SINE`` of its exact subspace, or, for a prefix whose last
+singular value nearly coincides with the next one (relative gap below ``NEAR_GAP``: the subspace itself is
+ill-defined there), when they put its captured energy ‖M·Aᵀ‖²_F within ``RANDOMIZED_ENERGY`` of the exact.
+It falls back to ``exact`` when it does not get there in ``RANDOMIZED_MAX_ITER`` steps. ``auto`` takes it
+wherever the block is under half of the Gram's dimension (where it is several times faster than a full
+SVD), and the gram/exact rule above elsewhere.
+Invariant (tested): rows orthonormal, and the span of every prefix equals the exact SVD's within tolerance
+(or, across a near-coincident pair, its energy does).
 Each vector's sign is fixed (largest-magnitude entry positive), so results are reproducible.
 """
 
@@ -32,9 +41,17 @@ from tlora.targets import get_module, weight_out_in
 
 log = logging.getLogger(__name__)
 
-Solver = Literal["auto", "exact", "gram"]
+Solver = Literal["auto", "exact", "gram", "randomized"]
 GRAM_TOLERANCE = 1e-6
 """Largest estimated principal-angle error (sin θ) for which ``auto`` keeps the gram solution."""
+RANDOMIZED_SINE = 1e-5
+"""Largest estimated sin θ of a prefix subspace at which the randomized solver stops."""
+RANDOMIZED_ENERGY = 1e-10
+"""Largest estimated relative error of a prefix's captured energy ‖M·Aᵀ‖²_F, where its gap is near zero."""
+NEAR_GAP = 1e-2
+"""Relative gap (σ_k − σ_k+1)/σ_k below which prefix k is judged by energy instead of angle."""
+RANDOMIZED_MAX_ITER = 24
+_UNCHECKED = 2  # first steps without the Ritz check (it cannot pass yet)
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -45,7 +62,7 @@ class Spectrum:
     vectors: dict[str, torch.Tensor]  # module -> [r_max_i, d_in], float64, orthonormal rows (rows of Vᴴ)
     values: dict[str, torch.Tensor]  # module -> [r_max_i], float64, descending
     r_max: int
-    solver: dict[str, str] = field(default_factory=dict)  # module -> "exact" | "gram"
+    solver: dict[str, str] = field(default_factory=dict)  # module -> "exact" | "gram" | "randomized"
     model_fingerprint: str | None = None
 
 
@@ -62,7 +79,9 @@ def compute_spectrum(
 
     Args:
         modules: the modules to compute (default: every module of the covariance).
-        solver: ``exact``, ``gram``, or ``auto`` (gram where its error bound allows, else exact).
+        solver: ``exact``, ``gram``, ``randomized`` (exact where it does not converge), or ``auto``
+            (randomized where the block is small against the matrix, else gram where its error bound
+            allows, else exact).
         check_fingerprint: refuse a covariance recorded for another model.
 
     Returns:
@@ -101,8 +120,8 @@ def compute_spectrum(
         r = min(r_max, *m.shape)
         v, s, used[name] = _top_right_singular(m, r, solver)
         vectors[name], values[name] = _fix_signs(v).cpu(), s.cpu()
-    n_exact = sum(u == "exact" for u in used.values())
-    log.info("spectrum of %d modules (r_max=%d): %d gram, %d exact", len(used), r_max, len(used) - n_exact, n_exact)
+    log.info("spectrum of %d modules (r_max=%d): %s", len(used), r_max,
+             ", ".join(f"{sum(u == k for u in used.values())} {k}" for k in ("randomized", "gram", "exact")))
     return Spectrum(vectors=vectors, values=values, r_max=r_max, solver=used, model_fingerprint=fingerprint)
 
 
@@ -164,6 +183,9 @@ def _top_right_singular(m: torch.Tensor, r: int, solver: Solver) -> tuple[torch.
     """Top-r right singular vectors ``[r, d_in]`` and values ``[r]`` of m, and the solver that made them."""
     if solver == "exact":
         return (*_exact(m, r), "exact")
+    if solver == "randomized" or (solver == "auto" and 2 * _block(r) < min(m.shape)):
+        found = _randomized(m, r)
+        return (*found, "randomized") if found is not None else (*_exact(m, r), "exact")
     v, s, sigma = _gram(m, r)
     if solver == "gram" or gram_error_bound(sigma, r, m.shape[1], m.shape[0]) <= GRAM_TOLERANCE:
         return v, s, "gram"
@@ -189,6 +211,74 @@ def _gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     sigma = lam.flip(0).clamp(min=0).sqrt()
     # ‖Mv‖ is accurate to second order in v's error, unlike sqrt(λ), which loses the small σ.
     return v.T, torch.linalg.vector_norm(m @ v, dim=0), sigma
+
+
+def _block(r: int) -> int:
+    """Block size of the subspace iteration: twice the wanted rank (oversampling r, at least 8)."""
+    return r + max(r, 8)
+
+
+def _randomized(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-r right singular vectors and values by subspace iteration, or None if it did not converge.
+
+    G is the smaller Gram matrix (n × n); Q (n × l) an orthonormal block. Each step forms Y = G·Q, takes
+    the Ritz pairs (θ, X = Q·W) of G in span(Q) and their residuals R = Y·W − X·diag(θ), and stops when
+    :func:`_ritz_converged` accepts every prefix; else Q ← orth(Y).
+    """
+    d_out, d_in = m.shape
+    right = d_in <= d_out  # iterate on right singular vectors (G = MᵀM) or left ones (G = MMᵀ)
+    gram = m.T @ m if right else m @ m.T  # [n, n]
+    n, l = gram.shape[0], min(_block(r), gram.shape[0])
+    start = torch.randn(n, l, dtype=m.dtype, device=m.device,
+                        generator=torch.Generator(device=m.device).manual_seed(0))
+    q = torch.linalg.qr(gram @ start).Q  # [n, l]
+    for step in range(RANDOMIZED_MAX_ITER):
+        y = gram @ q  # [n, l]
+        if step < _UNCHECKED or (step - _UNCHECKED) % 2:  # the check every other step: it costs as much
+            q = torch.linalg.qr(y).Q
+            continue
+        h = q.T @ y
+        theta, w = torch.linalg.eigh((h + h.T) / 2)  # ascending
+        theta, w = theta.flip(0), w.flip(1)
+        x = q @ w[:, :r]  # [n, r] Ritz vectors
+        residual = torch.linalg.vector_norm(y @ w[:, :r] - x * theta[:r], dim=0)  # [r]
+        if _ritz_converged(theta, residual, r, n):
+            break
+        q = torch.linalg.qr(y).Q
+    else:
+        return None
+    # Rayleigh–Ritz on M itself: the SVD of the thin projection keeps the small σ that the Gram squares away.
+    # Through its l × l triangular factor: the same singular values and right vectors, a fraction of the cost.
+    if right:
+        tri = torch.linalg.qr(m @ q, mode="r").R  # M·Q = Q'·R, so M·Q's right vectors are R's
+        _, s, wh = torch.linalg.svd(tri)
+        v = (q @ wh.T)[:, :r].T
+    else:
+        qq, tri = torch.linalg.qr(m.T @ q)  # Qᵀ·M = Rᵀ·Q'ᵀ, so its right vectors are Q'·(Rᵀ's right vectors)
+        _, s, wh = torch.linalg.svd(tri.T)
+        v = (qq @ wh.T)[:, :r].T
+    return v, s[:r]
+
+
+def _ritz_converged(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int) -> bool:
+    """Whether the residuals put every prefix k ≤ r within tolerance of the exact (see module docstring).
+
+    θ (descending, l ≥ r + 1 values) estimate λ = σ²; Davis–Kahan gives sin θ_k ≲ ‖R_k‖_F / (θ_k − θ_k+1),
+    Kato–Temple λ_i − θ_i ≲ ‖r_i‖² / (θ_i − θ_l), θ_l the smallest Ritz value of the block.
+    """
+    theta = theta.clamp(min=0)
+    if r >= n or theta[0] <= 0:
+        return r >= n
+    lam = theta[: r + 1]
+    res2 = residual.square().cumsum(0)  # ‖R_k‖²_F
+    gap = lam[:r] - lam[1:]
+    sine = res2.sqrt() / gap.clamp(min=_EPS * lam[0])
+    outer = (lam[:r] - theta[-1]).clamp(min=_EPS * lam[0])
+    energy = (residual.square() / outer).cumsum(0) / lam[:r].cumsum(0)
+    sigma = lam.sqrt()
+    near = (sigma[:r] - sigma[1:]) < NEAR_GAP * sigma[:r]
+    ok = (sine <= RANDOMIZED_SINE) | (near & (energy <= RANDOMIZED_ENERGY))
+    return bool(ok.all())
 
 
 def _fix_signs(v: torch.Tensor) -> torch.Tensor:

@@ -197,3 +197,52 @@ def test_covariance_checks_its_own_fields():
     assert torch.equal(cov.matrix("a"), eye / 2)
     with pytest.raises(ValueError, match="has no covariance"):
         cov.matrix("b")
+
+
+def test_store_packs_symmetric_sums_and_keeps_others_whole(tmp_path):
+    rng = np.random.default_rng(0)
+    sums = {}
+    for d in (5, 6, 1):  # odd, even, scalar
+        x = rng.standard_normal((d + 3, d))
+        sums[f"g{d}"] = torch.from_numpy(x.T @ x)
+        sums[f"g{d}"] = (sums[f"g{d}"] + sums[f"g{d}"].T) / 2
+    sums["skew"] = torch.from_numpy(rng.standard_normal((4, 4)))  # not symmetric: stored whole
+    cov = Covariance(sums=sums, modules={g: g for g in sums}, n_tokens=9, n_samples=2)
+    path = tmp_path / "covariance.zarr"
+    save_covariance(path, cov)
+    root = zarr.open_group(str(path), mode="r")
+    assert root["g6"].shape == (7, 3) and root["g5"].shape == (5, 3) and root["g1"].shape == (1, 1)
+    assert root["g6"].attrs["layout"] == "packed_upper" and root["skew"].shape == (4, 4)
+    assert np.array_equal(root["g5"][...].reshape(-1), sums["g5"].numpy()[np.triu_indices(5)])  # row by row
+    back = load_covariance(path)
+    assert all(torch.equal(back.sums[g], s) for g, s in sums.items())
+
+
+def test_collected_sums_are_exactly_symmetric(tiny_model, samples, batches):
+    for precision in ("float32", "float64"):
+        cov = collect(tiny_model("llama"), batches(samples(3), 2), precision=precision)
+        assert all(torch.equal(s, s.T) for s in cov.sums.values()), precision
+
+
+class _Odd(torch.nn.Module):
+    """Embedding of width 7 (not a multiple of the 4 accumulation blocks) into one linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(20, 7)
+        self.proj = torch.nn.Linear(7, 5)
+
+    def forward(self, input_ids, attention_mask):
+        return self.proj(self.embed(input_ids) * 3.0 + 1.0)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_block_accumulation_matches_oracle_at_any_width(precision, samples, batches):
+    model = _Odd()
+    data = [{k: v.clamp(max=19) if k == "input_ids" else v for k, v in s.items()} for s in samples(5, seed=7)]
+    cov = collect_covariance(model, batches(data, 2), find_targets(model, ["proj"]), precision=precision,
+                             progress=False)
+    expected = oracle(model, data, ["proj"])["proj"]
+    assert torch.equal(cov.sums["proj"], cov.sums["proj"].T)
+    assert rel_err(cov.sums["proj"], expected) < (1e-12 if precision == "float64" else 1e-6)
