@@ -20,7 +20,6 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from zarr.codecs import BloscCodec
 
 from flows import plots
 from flows.config import CalibrationSource, PipelineConfig
@@ -43,10 +42,6 @@ from tlora.sensitivity import Scores, score_sensitivity
 from tlora.spectrum import compute_spectrum, save_spectrum
 from tlora.targets import TargetSpec, find_targets
 
-CODEC = (BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),)
-"""Zarr compressor of covariance and spectrum arrays. Measured on SmolLM2's covariance (768 MiB of float64):
-blosc-zstd-5 with bit shuffle stores it in 414 MiB, writing in 4.3 s and reading in 0.8 s; zarr's default Zstd
-takes 472 MiB, 5.9 s and 1.3 s, no compression 768 MiB. Orthonormal spectrum vectors barely compress (1.1×)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -155,7 +150,7 @@ def compute_covariance(p: CovarianceParams, ctx: RunContext, out: Path) -> Stage
         cov = collect_covariance(model, calib.batches(p.batch_size), targets, precision=p.precision,
                                  model_fingerprint=info.fingerprint, data_fingerprint=calib.meta.data_fingerprint,
                                  progress=False, on_progress=on_progress)
-    save_covariance(out / "covariance.zarr", cov, compressors=CODEC)
+    save_covariance(out / "covariance.zarr", cov)
     return StageOutput(metrics={"n_tokens": cov.n_tokens, "n_samples": cov.n_samples, "n_groups": len(cov.sums),
                                 "n_modules": len(cov.modules)})
 
@@ -170,7 +165,7 @@ class MixParams(StageParams):
 def compute_covariance_mix(p: MixParams, ctx: RunContext, out: Path) -> StageOutput:
     """The weighted covariance of the union of the parts' samples, from their cached sums."""
     cov = mix_covariances([load_covariance(ctx.open(r) / "covariance.zarr") for r in p.parts], p.weights)
-    save_covariance(out / "covariance.zarr", cov, compressors=CODEC)
+    save_covariance(out / "covariance.zarr", cov)
     return StageOutput(metrics={"n_tokens": cov.n_tokens, "n_samples": cov.n_samples, "n_parts": len(p.parts)})
 
 
@@ -208,7 +203,7 @@ def compute_spectrum_stage(p: SpectrumParams, ctx: RunContext, out: Path) -> Sta
     model, _, _ = load_base(ctx, p.model)
     cov = load_covariance(ctx.open(p.covariance) / "covariance.zarr")
     spectrum = compute_spectrum(model, cov, p.r_max, solver=p.solver)
-    save_spectrum(out / "spectrum.zarr", spectrum, compressors=CODEC)
+    save_spectrum(out / "spectrum.zarr", spectrum)
     plots.save(plots.spectrum_figure({m: v.tolist() for m, v in spectrum.values.items()}), out, "spectrum")
     n_exact = sum(s == "exact" for s in spectrum.solver.values())
     return StageOutput(metrics={"n_modules": len(spectrum.vectors), "n_exact": n_exact,

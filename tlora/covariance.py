@@ -11,8 +11,7 @@ and any batch size or padding side gives the S of batch size 1; S is exactly sym
 centred *before* the GEMM rather than through Σxxᵀ − n·μμᵀ, which cancels catastrophically when |μ| is
 large against the spread. Only the upper block rows of S are accumulated (5/8 of the GEMM work, which is
 as large as the forward pass's own) and mirrored once at the end.
-The artifact is ``covariance.zarr`` (DESIGN §2): one float64 ``[d_in, d_in]`` matrix per group, stored as
-its packed upper triangle (:mod:`tlora._zarr_store`).
+The artifact is ``covariance.zarr`` (DESIGN §2): one float64 ``[d_in, d_in]`` matrix per group.
 """
 
 from __future__ import annotations
@@ -209,13 +208,12 @@ def merge_covariances(parts: Sequence[Covariance], *, data_fingerprint: str | No
                       model_fingerprint=first.model_fingerprint, data_fingerprint=data_fingerprint)
 
 
-def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = None) -> None:
-    """Write ``cov`` as a Zarr v3 group: one float64 array per group, the rest as attributes.
+def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = "default") -> None:
+    """Write ``cov`` as a Zarr v3 group: one float64 ``[d_in, d_in]`` array per group, the rest as attributes.
 
-    Each (symmetric) sum is stored as its packed upper triangle (:mod:`tlora._zarr_store`): half the bytes,
-    bit-exact. ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused
-    on load. ``compressors`` is passed to zarr's ``create_array``; by default none: float64 sums compress by
-    less than 2× and compressing costs several times the write itself (``benchmarks/perf_stats.py``).
+    ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
+    ``compressors`` is passed to zarr's ``create_array``; ``"default"`` is :data:`tlora._zarr_store.CODEC`
+    (Blosc LZ4 with bit shuffle: fast, about half the bytes), ``None`` stores raw bytes.
     """
     names = {group: _array_name(group, i) for i, group in enumerate(cov.sums)}
     with writing(path) as root:

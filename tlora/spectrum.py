@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tlora._zarr_store import open_complete, read_float64, writing
+from tlora._zarr_store import open_complete, read_float64, write_matrix, writing
 from tlora.covariance import Covariance
 from tlora.models import model_fingerprint
 from tlora.targets import get_module, weight_out_in
@@ -144,19 +144,17 @@ def gram_error_bound(sigma: torch.Tensor, r: int, d_in: int, d_out: int) -> floa
     return float(_EPS * (d_in + d_out) * lam[0] / gaps.min())
 
 
-def save_spectrum(path: str | Path, spectrum: Spectrum, *, compressors: Any = "auto") -> None:
+def save_spectrum(path: str | Path, spectrum: Spectrum, *, compressors: Any = "default") -> None:
     """Write ``spectrum`` as a Zarr v3 group: ``<module>/vectors`` and ``<module>/values`` per module.
 
     ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
-    ``compressors`` is passed to zarr's ``create_array`` (``"auto"``: zarr's default, Zstd).
+    ``compressors`` is passed to zarr's ``create_array`` (``"default"``: :data:`tlora._zarr_store.CODEC`).
     """
     with writing(path) as root:
         for name, vec in spectrum.vectors.items():
             node = root.create_group(name)
             for key, t in (("vectors", vec), ("values", spectrum.values[name])):
-                node.create_array(name=key, shape=tuple(t.shape), dtype="float64", chunks=tuple(t.shape),
-                                  compressors=compressors)
-                node[key][...] = t.numpy()
+                write_matrix(node, key, t, compressors=compressors)
         root.attrs.update({"modules": list(spectrum.vectors), "r_max": spectrum.r_max, "solver": spectrum.solver,
                            "model_fingerprint": spectrum.model_fingerprint})
     root.attrs["complete"] = True

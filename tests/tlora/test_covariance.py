@@ -199,21 +199,24 @@ def test_covariance_checks_its_own_fields():
         cov.matrix("b")
 
 
-def test_store_packs_symmetric_sums_and_keeps_others_whole(tmp_path):
+def test_store_keeps_each_sum_whole_in_unpadded_row_chunks(tmp_path, monkeypatch):
+    """DESIGN §2's contract: one float64 [d_in, d_in] array per group, readable by plain zarr."""
+    import tlora._zarr_store as zs
+
+    monkeypatch.setattr(zs, "_CHUNK_VALUES", 12)  # force several row chunks on small matrices
     rng = np.random.default_rng(0)
-    sums = {}
-    for d in (5, 6, 1):  # odd, even, scalar
-        x = rng.standard_normal((d + 3, d))
-        sums[f"g{d}"] = torch.from_numpy(x.T @ x)
-        sums[f"g{d}"] = (sums[f"g{d}"] + sums[f"g{d}"].T) / 2
-    sums["skew"] = torch.from_numpy(rng.standard_normal((4, 4)))  # not symmetric: stored whole
+    sums = {f"g{d}": torch.from_numpy(rng.standard_normal((d, d))) for d in (5, 6, 1)}
     cov = Covariance(sums=sums, modules={g: g for g in sums}, n_tokens=9, n_samples=2)
     path = tmp_path / "covariance.zarr"
     save_covariance(path, cov)
     root = zarr.open_group(str(path), mode="r")
-    assert root["g6"].shape == (7, 3) and root["g5"].shape == (5, 3) and root["g1"].shape == (1, 1)
-    assert root["g6"].attrs["layout"] == "packed_upper" and root["skew"].shape == (4, 4)
-    assert np.array_equal(root["g5"][...].reshape(-1), sums["g5"].numpy()[np.triu_indices(5)])  # row by row
+    for g, s in sums.items():
+        arr = root[g]
+        assert arr.shape == s.shape and arr.dtype == np.float64 and np.array_equal(arr[...], s.numpy())
+        rows = arr.chunks[0]
+        assert arr.chunks[1] == s.shape[1] and rows * s.shape[1] <= 12 or rows == 1
+        assert -(-s.shape[0] // rows) * rows - s.shape[0] < -(-s.shape[0] // rows)  # padding < one row per chunk
+    assert root["g6"].chunks == (2, 6) and root["g5"].chunks == (2, 5)
     back = load_covariance(path)
     assert all(torch.equal(back.sums[g], s) for g, s in sums.items())
 
