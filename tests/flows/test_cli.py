@@ -32,5 +32,5 @@ def test_budgets_and_methods_parse():
 def test_help_lists_the_commands():
     result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for command in ("run", "sweep", "lineage"):
+    for command in ("run", "sweep", "lineage", "report"):
         assert command in result.output
