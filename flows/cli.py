@@ -5,7 +5,9 @@
     tlora lineage artifacts/stages/train/<key>
 
 Configs are validated before anything is imported or run; an invalid one exits with status 2 and one line per
-field at fault.
+field at fault, as does an artifacts folder that takes no files. A full disk, an unreachable MLflow server or a
+Prefect API that goes away exits with status 1 and one line saying what to do (``flows.failures``); the stages
+finished by then stay valid and the next run reuses them.
 """
 
 from __future__ import annotations
@@ -100,11 +102,20 @@ def lineage(
             run_ids = [read_manifest(target).run_id]
         except ValueError as err:
             _fail(str(err))
-    else:
-        run = client.get_run(target)
-        run_ids = [target] if "tlora.stage" in run.data.tags else leaves(client, target)
-    for run_id in run_ids:
-        nodes = {n.run_id: n for n in walk(client, run_id)}
+    try:
+        if not Path(target).is_dir():
+            run = client.get_run(target)
+            run_ids = [target] if "tlora.stage" in run.data.tags else leaves(client, target)
+        trees = [walk(client, run_id) for run_id in run_ids]
+    except Exception as err:
+        from flows.failures import explain
+
+        failure = explain(err, tracking_uri=client.tracking_uri)
+        if failure is None:
+            raise
+        _fail(failure.message, failure.exit_code)
+    for found in trees:
+        nodes = {n.run_id: n for n in found}
         console.print(_tree(nodes, next(iter(nodes)), set()))
 
 

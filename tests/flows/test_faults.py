@@ -2,7 +2,8 @@
 store, an unreachable MLflow server and a Prefect API that goes away, each told in one line.
 
 The kill tests build on each other in file order (one chain of ``tlora run`` subprocesses on one store): killed in
-covariance, rerun killed in training (after its first checkpoint), rerun killed in merge, rerun to the end.
+covariance, rerun killed in training (after its first checkpoint), rerun killed in merge, rerun to the end (in this
+process, to spare one more process start).
 """
 
 from __future__ import annotations
@@ -122,11 +123,10 @@ def chain(prefect_server, tiny_sources, mlflow_template, tmp_path_factory):
     checkpoints = sorted(p.name for p in (home / "artifacts" / "work" / "train").glob("*/checkpoint-*"))
     after_merge = kill_in(home, prefect_server, "merge")
     merge_tmp = sorted(p.name for p in (stages / "merge").iterdir())
-    last = start(home, prefect_server, "")
-    output = last.communicate(timeout=600)[0]
+    last = CliRunner().invoke(app, ["run", str(home / "tiny.yaml"), "--no-progress"], env={"COLUMNS": "200"})
     return SimpleNamespace(home=home, cfg=cfg, stages=stages, after_cov=after_cov, cov_tmp=cov_tmp,
                            after_train=after_train, checkpoints=checkpoints, after_merge=after_merge,
-                           merge_tmp=merge_tmp, final=published(home), rc=last.returncode, output=output,
+                           merge_tmp=merge_tmp, final=published(home), rc=last.exit_code, output=last.output,
                            client=MlflowClient(context(cfg).tracking_uri),
                            experiment=context(cfg).tracker().experiment_id)
 
@@ -229,6 +229,8 @@ def test_an_unreachable_mlflow_server_exits_1_with_what_to_do(workspace, tmp_pat
     assert result.exit_code == 1
     line = one_error_line(result.output)
     assert uri in line and "unreachable" in line and "tracking.uri" in line
+    lineage = CliRunner().invoke(app, ["lineage", "0123abcd", "--tracking-uri", uri], env={"COLUMNS": "200"})
+    assert lineage.exit_code == 1 and uri in one_error_line(lineage.output)
     from flows.lineage import Tracker
 
     with pytest.raises(Exception) as raised:  # the same failure met mid-run is told the same way
