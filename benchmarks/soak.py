@@ -2,10 +2,11 @@
 
 Every pipeline is ``tlora run`` in its own process group on one shared store (a tiny Llama, seconds per stage),
 with a random total-rank budget and training seed, and now and then a new calibration seed so the task side is
-recomputed too. A random kill time is drawn per pipeline; if the run is still going then, the whole process
-group gets SIGKILL and the same command runs again once, to the end. Counted: runs that completed, reruns that
-reused finished stages or resumed training from a checkpoint, and, at the end, artifacts that fail verification,
-temporary folders left behind and MLflow runs still marked RUNNING (target: all completed, none corrupt).
+recomputed too. A random kill time is drawn per pipeline, counted from the moment its flow starts (after
+imports); if the run is still going then, the whole process group gets SIGKILL and the same command runs again
+once, to the end. Counted: runs that completed, reruns that reused finished stages or resumed training from a
+checkpoint, and, at the end, artifacts that fail verification, temporary folders left behind and MLflow runs
+still marked RUNNING (target: all completed, none corrupt).
 Results go to ``benchmarks/results/soak.json`` and the section "## Soak" of ``benchmarks/RESULTS.md``.
 
     python benchmarks/soak.py               # 20 pipelines (about 15 minutes on 2 busy cores)
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -42,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipelines", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-kill-s", type=float, default=40.0, help="kill times are uniform in [1, this]")
+    parser.add_argument("--max-kill-s", type=float, default=30.0,
+                        help="kill times are uniform in [0, this] seconds after the flow starts")
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -52,13 +55,14 @@ def main() -> None:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     start = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the server
     server = start_prefect(work, env)
     try:
         config = write_sources(work)
         records = [soak_one(i, config, work, env, rng, args.max_kill_s) for i in range(args.pipelines)]
     finally:
         stop(server)
-    summary = audit(work / "artifacts", records, time.perf_counter() - start)
+    summary = audit(work / "artifacts", records, time.perf_counter() - start) | {"max_kill_s": args.max_kill_s}
     print(json.dumps(summary, indent=2))
     if args.write:
         (HERE / "results").mkdir(exist_ok=True)
@@ -75,17 +79,33 @@ def soak_one(i: int, config: Path, work: Path, env: dict, rng: random.Random, ma
     command = [sys.executable, "-m", "flows.cli", "run", str(config), "--no-progress"]
     for o in overrides:
         command += ["--set", o]
-    kill_at = rng.uniform(1.0, max_kill_s)
+    kill_at = rng.uniform(0.0, max_kill_s)
     record = {"pipeline": i, "overrides": overrides, "kill_at_s": round(kill_at, 1)}
     first = subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
+    lines: list[str] = []
+    flow_started = threading.Event()
+
+    def read() -> None:
+        for line in first.stdout:
+            lines.append(line)
+            if "parent run" in line:
+                flow_started.set()
+        flow_started.set()  # ended (or failed) before its flow started
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    flow_started.wait(timeout=300)  # the clock starts with the flow, not with the imports
     try:
-        output, _ = first.communicate(timeout=kill_at)
+        first.wait(timeout=kill_at)
+        reader.join()
+        output = "".join(lines)
         record.update(killed=False, rc=first.returncode, stage_at_kill=None, reused=len(stage_lines(output, "reused")))
     except subprocess.TimeoutExpired:
         os.killpg(first.pid, signal.SIGKILL)
-        output, _ = first.communicate()
-        record.update(killed=True, stage_at_kill=last_stage(output))
+        first.wait()
+        reader.join()
+        record.update(killed=True, stage_at_kill=last_stage("".join(lines)))
         t0 = time.perf_counter()
         again = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=900)
         trained = stage_lines(again.stdout, "computed").get("train")
@@ -150,7 +170,7 @@ def report(s: dict) -> str:
         "## Soak", "",
         f"`python benchmarks/soak.py`: {s['pipelines']} back-to-back tiny pipelines (tiny Llama, random budgets "
         "and training seeds, some new calibration seeds) on one store, each SIGKILLed (whole process group) at a "
-        "random moment in [1, 40] s and run once more.", machine_line(), "",
+        f"random moment in [0, {s['max_kill_s']:.0f}] s after its flow started, and run once more.", machine_line(), "",
         "| pipelines | completed | killed | reruns reusing stages | reruns resuming training | artifacts | "
         "failing verification | temp folders left | MLflow runs left RUNNING | wall |",
         "|---|---|---|---|---|---|---|---|---|---|",
