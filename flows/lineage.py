@@ -32,8 +32,8 @@ TAG_STAGE, TAG_KEY, TAG_URI = "tlora.stage", "tlora.key", "tlora.uri"
 TAG_REUSED, TAG_CODE, TAG_UPSTREAM = "tlora.reused_from", "tlora.code_version", "tlora.upstream."
 TAG_PARENT = "mlflow.parentRunId"
 TAG_PROCESS = "tlora.process"
-"""``<host>/<boot id>/<pid>/<process start>`` of the process that opened a run: lets a later run on the same
-machine tell a run left RUNNING by a killed process (marked KILLED) from one still in progress."""
+"""``<host>/<boot id>.<pid namespace>/<pid>/<process start>`` of the process that opened a run: lets a later run
+on the same machine tell a run left RUNNING by a killed process (marked KILLED) from one still in progress."""
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -213,7 +213,8 @@ class Tracker:
 
 
 def process_id(pid: int | None = None) -> str:
-    """``<host>/<boot id>/<pid>/<start time>`` of a process (this one by default): unique across pid reuse."""
+    """``<host>/<boot id>.<pid namespace>/<pid>/<start time>`` of a process (this one by default): unique across
+    pid reuse and containers."""
     pid = os.getpid() if pid is None else pid
     return f"{socket.gethostname()}/{_boot_id()}/{pid}/{_start_time(pid)}"
 
@@ -229,10 +230,13 @@ def _alive(owner: str) -> bool:
 
 @functools.cache
 def _boot_id() -> str:
+    """This boot of the kernel and this pid namespace: pids mean the same process only within both."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").rstrip("]")
     except OSError:
         return "noboot"
+    return f"{boot}.{namespace}"
 
 
 def _start_time(pid: int) -> str:
