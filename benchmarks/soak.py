@@ -9,7 +9,7 @@ checkpoint, and, at the end, artifacts that fail verification, temporary folders
 still marked RUNNING (target: all completed, none corrupt).
 Results go to ``benchmarks/results/soak.json`` and the section "## Soak" of ``benchmarks/RESULTS.md``.
 
-    python benchmarks/soak.py               # 20 pipelines (about 15 minutes on 2 busy cores)
+    python benchmarks/soak.py               # 20 pipelines, none started after 15 minutes
     python benchmarks/soak.py --pipelines 3 --no-write   # a smoke run
 """
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-kill-s", type=float, default=30.0,
                         help="kill times are uniform in [0, this] seconds after the flow starts")
+    parser.add_argument("--max-minutes", type=float, default=15.0, help="start no pipeline after this")
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -56,13 +57,20 @@ def main() -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the server
-    server = start_prefect(work, env)
+    server = launch_prefect(work, env)
+    records: list[dict] = []
     try:
+        wait_healthy(env["PREFECT_API_URL"])
         config = write_sources(work)
-        records = [soak_one(i, config, work, env, rng, args.max_kill_s) for i in range(args.pipelines)]
+        for i in range(args.pipelines):
+            if time.perf_counter() - start > args.max_minutes * 60:
+                print(f"stopping after {i} pipelines: the {args.max_minutes:.0f}-minute limit is spent", flush=True)
+                break
+            records.append(soak_one(i, config, work, env, rng, args.max_kill_s))
     finally:
         stop(server)
-    summary = audit(work / "artifacts", records, time.perf_counter() - start) | {"max_kill_s": args.max_kill_s}
+    summary = audit(work / "artifacts", records, time.perf_counter() - start) | {
+        "max_kill_s": args.max_kill_s, "planned": args.pipelines, "max_minutes": args.max_minutes}
     print(json.dumps(summary, indent=2))
     if args.write:
         (HERE / "results").mkdir(exist_ok=True)
@@ -168,9 +176,11 @@ def report(s: dict) -> str:
     where = ", ".join(f"{k} {v}" for k, v in sorted(s["killed_in"].items()))
     return "\n".join([
         "## Soak", "",
-        f"`python benchmarks/soak.py`: {s['pipelines']} back-to-back tiny pipelines (tiny Llama, random budgets "
-        "and training seeds, some new calibration seeds) on one store, each SIGKILLed (whole process group) at a "
-        f"random moment in [0, {s['max_kill_s']:.0f}] s after its flow started, and run once more.", machine_line(), "",
+        f"`python benchmarks/soak.py`: {s['pipelines']} of {s['planned']} planned back-to-back tiny pipelines "
+        f"(no new one after {s['max_minutes']:.0f} min) (tiny Llama, random budgets "
+        "and training seeds, some new calibration seeds) on one store; each still running at a random moment "
+        f"in [0, {s['max_kill_s']:.0f}] s after its flow started was SIGKILLed (whole process group) and run "
+        "once more.", machine_line(), "",
         "| pipelines | completed | killed | reruns reusing stages | reruns resuming training | artifacts | "
         "failing verification | temp folders left | MLflow runs left RUNNING | wall |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -202,25 +212,27 @@ def write_sources(work: Path) -> Path:
     return path
 
 
-def start_prefect(work: Path, env: dict) -> subprocess.Popen:
-    """A Prefect server on 127.0.0.1 for every pipeline (no temporary server per process)."""
+def launch_prefect(work: Path, env: dict) -> subprocess.Popen:
+    """A Prefect server on 127.0.0.1 for every pipeline (no temporary server per process); sets PREFECT_API_URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (work / "prefect-home").mkdir(parents=True)
-    server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
+    return subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def wait_healthy(api_url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                return server
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2):
+                return
         except OSError:
             time.sleep(1)
-    stop(server)
-    raise RuntimeError("the Prefect server did not start within 180 s")
+    raise RuntimeError(f"the Prefect server did not start within {timeout_s:.0f} s")
 
 
 def stop(proc: subprocess.Popen) -> None:
