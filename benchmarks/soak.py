@@ -2,11 +2,11 @@
 
 Every pipeline is ``tlora run`` in its own process group on one shared store (a tiny Llama, seconds per stage),
 with a random total-rank budget and training seed, and now and then a new calibration seed so the task side is
-recomputed too. A random kill time is drawn per pipeline, counted from the moment its flow starts (after
-imports); if the run is still going then, the whole process group gets SIGKILL and the same command runs again
-once, to the end. Counted: runs that completed, reruns that reused finished stages or resumed training from a
-checkpoint, and, at the end, artifacts that fail verification, temporary folders left behind and MLflow runs
-still marked RUNNING (target: all completed, none corrupt).
+recomputed too. A random kill time is drawn per pipeline over the last uninterrupted flow's duration, counted
+from the moment its flow starts (after imports); if the run is still going then, the whole process group gets
+SIGKILL and the same command runs again once, to the end. Counted: runs that completed, reruns that reused
+finished stages or resumed training from a checkpoint, and, at the end, artifacts that fail verification,
+temporary folders left behind and MLflow runs still marked RUNNING (target: all completed, none corrupt).
 Results go to ``benchmarks/results/soak.json`` and the section "## Soak" of ``benchmarks/RESULTS.md``.
 
     python benchmarks/soak.py               # 20 pipelines, none started after 15 minutes
@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--pipelines", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-kill-s", type=float, default=30.0,
-                        help="kill times are uniform in [0, this] seconds after the flow starts")
+                        help="kill times are uniform over [0, the last uninterrupted flow's duration, at most this] "
+                             "seconds after the flow starts")
     parser.add_argument("--max-minutes", type=float, default=15.0, help="start no pipeline after this")
     parser.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -62,11 +63,14 @@ def main() -> None:
     try:
         wait_healthy(env["PREFECT_API_URL"])
         config = write_sources(work)
+        flow_s = args.max_kill_s  # kills are drawn over the flow's duration, learnt from runs that ran through
         for i in range(args.pipelines):
             if time.perf_counter() - start > args.max_minutes * 60:
                 print(f"stopping after {i} pipelines: the {args.max_minutes:.0f}-minute limit is spent", flush=True)
                 break
-            records.append(soak_one(i, config, work, env, rng, args.max_kill_s))
+            records.append(soak_one(i, config, work, env, rng, flow_s))
+            if not records[-1]["killed"] and records[-1].get("flow_s"):
+                flow_s = min(args.max_kill_s, records[-1]["flow_s"])
     finally:
         stop(server)
     summary = audit(work / "artifacts", records, time.perf_counter() - start) | {
@@ -105,10 +109,12 @@ def soak_one(i: int, config: Path, work: Path, env: dict, rng: random.Random, ma
     reader.start()
     flow_started.wait(timeout=300)  # the clock starts with the flow, not with the imports
     try:
+        t0 = time.perf_counter()
         first.wait(timeout=kill_at)
         reader.join()
         output = "".join(lines)
-        record.update(killed=False, rc=first.returncode, stage_at_kill=None, reused=len(stage_lines(output, "reused")))
+        record.update(killed=False, rc=first.returncode, stage_at_kill=None, reused=len(stage_lines(output, "reused")),
+                      flow_s=round(time.perf_counter() - t0, 1))
     except subprocess.TimeoutExpired:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -179,8 +185,8 @@ def report(s: dict) -> str:
         f"`python benchmarks/soak.py`: {s['pipelines']} of {s['planned']} planned back-to-back tiny pipelines "
         f"(no new one after {s['max_minutes']:.0f} min) (tiny Llama, random budgets "
         "and training seeds, some new calibration seeds) on one store; each still running at a random moment "
-        f"in [0, {s['max_kill_s']:.0f}] s after its flow started was SIGKILLed (whole process group) and run "
-        "once more.", machine_line(), "",
+        f"over its flow's duration (at most {s['max_kill_s']:.0f} s after its flow started) was SIGKILLed "
+        "(whole process group) and run once more.", machine_line(), "",
         "| pipelines | completed | killed | reruns reusing stages | reruns resuming training | artifacts | "
         "failing verification | temp folders left | MLflow runs left RUNNING | wall |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -206,7 +212,7 @@ def write_sources(work: Path) -> Path:
     build_tiny("llama", seed=0).save_pretrained(sources / "model")
     build_tiny_tokenizer().save_pretrained(sources / "model")
     write_task(sources / "task", seed=0)
-    cfg = tiny_config(sources, work / "artifacts", train={"max_steps": 6, "save_steps": 2})
+    cfg = tiny_config(sources, work / "artifacts", train={"max_steps": 40, "save_steps": 5, "logging_steps": 10})
     path = work / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
