@@ -193,7 +193,8 @@ def report(s: dict) -> str:
         f"| {s['pipelines']} | {s['completed']} | {s['killed']} | {s['reruns_reusing_stages']} | "
         f"{s['reruns_resuming_training']} | {s['artifacts']} | {s['artifacts_failing_verification']} | "
         f"{s['temp_folders_left']} | {s['mlflow_runs']['RUNNING']} | {s['wall_s'] / 60:.1f} min |", "",
-        f"Killed in: {where or 'none'}. MLflow runs by status: " + ", ".join(
+        f"Killed in: {where or 'none'} (\"report\": after the last stage, while the CLI closed its runs; "
+        "\"startup\": before the first stage). MLflow runs by status: " + ", ".join(
             f"{k} {v}" for k, v in s["mlflow_runs"].items()) + " (KILLED: runs of killed processes, closed by the "
         "next run). Raw figures: `benchmarks/results/soak.json`.",
     ])
