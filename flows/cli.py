@@ -6,7 +6,9 @@
     tlora report latest --out report.html
 
 Configs are validated before anything is imported or run; an invalid one exits with status 2 and one line per
-field at fault.
+field at fault, as does an artifacts folder that takes no files. A full disk, an unreachable MLflow server or a
+Prefect API that goes away exits with status 1 and one line saying what to do (``flows.failures``); the stages
+finished by then stay valid and the next run reuses them.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -35,6 +38,7 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or os.enviro
 
 ConfigPath = Annotated[Path, typer.Argument(help="A YAML config (see configs/).", show_default=False)]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.max_steps=50.")]
+T = TypeVar("T")
 Progress = Annotated[bool, typer.Option(help="Show the library's progress bars.")]
 GpuDeployment = Annotated[str | None, typer.Option(
     help="Run train, evaluate and merge as runs of this deployment (tlora-train/gpu, deploy/prefect.yaml) on the "
@@ -50,7 +54,7 @@ def run(config: ConfigPath, set_: Overrides = None, progress: Progress = True,
     from flows.pipeline import pipeline
 
     start = time.perf_counter()
-    result = pipeline(cfg, progress=progress, gpu_deployment=gpu_deployment)
+    result = _guarded(cfg, lambda: pipeline(cfg, progress=progress, gpu_deployment=gpu_deployment))
     _report(result)
     console.print(f"done in {time.perf_counter() - start:.0f} s")
 
@@ -80,7 +84,8 @@ def sweep(
     from flows.pipeline import sweep as sweep_flow
 
     start = time.perf_counter()
-    _report(sweep_flow(cfg, budgets, methods, progress=progress, gpu_deployment=gpu_deployment))
+    _report(_guarded(cfg, lambda: sweep_flow(cfg, budgets, methods, progress=progress,
+                                             gpu_deployment=gpu_deployment)))
     console.print(f"done in {time.perf_counter() - start:.0f} s")
 
 
@@ -104,11 +109,20 @@ def lineage(
             run_ids = [read_manifest(target).run_id]
         except ValueError as err:
             _fail(str(err))
-    else:
-        run = client.get_run(target)
-        run_ids = [target] if "tlora.stage" in run.data.tags else leaves(client, target)
-    for run_id in run_ids:
-        nodes = {n.run_id: n for n in walk(client, run_id)}
+    try:
+        if not Path(target).is_dir():
+            run = client.get_run(target)
+            run_ids = [target] if "tlora.stage" in run.data.tags else leaves(client, target)
+        trees = [walk(client, run_id) for run_id in run_ids]
+    except Exception as err:
+        from flows.failures import explain
+
+        failure = explain(err, tracking_uri=client.tracking_uri)
+        if failure is None:
+            raise
+        _fail(failure.message, failure.exit_code)
+    for found in trees:
+        nodes = {n.run_id: n for n in found}
         console.print(_tree(nodes, next(iter(nodes)), set()))
 
 
@@ -166,9 +180,39 @@ def _load(path: Path, overrides: list[str] | None) -> PipelineConfig:
         _fail(str(err))
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _guarded(cfg: PipelineConfig, flow: Callable[[], T]) -> T:
+    """Run ``flow`` after :func:`flows.failures.preflight`; a failure of the machine around it exits with one line.
+
+    A Prefect API that went away leaves Prefect's event and log workers retrying it for minutes at exit, so
+    that case leaves at once (``os._exit``) once the line is printed: every artifact is already published.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.failures import explain, preflight, quiet_prefect
+    from flows.lineage import tracking_uri
+
+    root, api = Path(cfg.store.root).resolve(), PREFECT_API_URL.value()
+    failure = preflight(root, cfg.store.stages_uri, cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", ""), api)
+    if failure is not None:
+        _fail(failure.message, failure.exit_code)
+    try:
+        with quiet_prefect():
+            return flow()
+    except Exception as err:
+        failure = explain(err, tracking_uri=tracking_uri(cfg.tracking.uri, root), prefect_api=api or "")
+        if failure is None:
+            raise
+        if failure.kind == "prefect":
+            console.print(f"[red]error:[/red] {failure.message}", highlight=False)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(failure.exit_code)
+        _fail(failure.message, failure.exit_code)
 
 
 def _logging() -> None:

@@ -14,6 +14,7 @@ import functools
 import importlib.metadata
 import logging
 import os
+import socket
 import subprocess
 import time
 import warnings
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 TAG_STAGE, TAG_KEY, TAG_URI = "tlora.stage", "tlora.key", "tlora.uri"
 TAG_REUSED, TAG_CODE, TAG_UPSTREAM = "tlora.reused_from", "tlora.code_version", "tlora.upstream."
 TAG_PARENT = "mlflow.parentRunId"
+TAG_PROCESS = "tlora.process"
+"""``<host>/<boot id>.<pid namespace>/<pid>/<process start>`` of the process that opened a run: lets a later run
+on the same machine tell a run left RUNNING by a killed process (marked KILLED) from one still in progress."""
 _MAX_PARAM = 6000  # MLflow's limit on a param value
 
 
@@ -108,8 +112,13 @@ class Tracker:
             self.experiment_id = found.experiment_id
 
     def start_parent(self, name: str, params: dict[str, Any], config_yaml: str) -> str:
-        """Open the parent run of one invocation; its params are the flattened config."""
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={TAG_CODE: code_version()})
+        """Open the parent run of one invocation; its params are the flattened config.
+
+        Runs that a killed process on this machine left RUNNING are marked KILLED first (:meth:`close_orphans`).
+        """
+        self.close_orphans()
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={TAG_CODE: code_version(), TAG_PROCESS: process_id()})
         self._log_params(run.info.run_id, params)
         self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
         return run.info.run_id
@@ -169,6 +178,23 @@ class Tracker:
         version = self.client.create_model_version(name, source=source, run_id=run_id, tags={TAG_KEY: key})
         return str(version.version)
 
+    def close_orphans(self) -> list[str]:
+        """Mark KILLED the RUNNING runs opened by a process of this machine that no longer exists; their ids.
+
+        Runs of other machines, and of live processes here, are left alone: nothing here can tell whether they
+        still run.
+        """
+        here = process_id().rsplit("/", 2)[0]
+        runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                       max_results=1000)
+        dead = [r.info.run_id for r in runs if (owner := r.data.tags.get(TAG_PROCESS, "")).rsplit("/", 2)[0] == here
+                and not _alive(owner)]
+        for run_id in dead:
+            self.client.set_terminated(run_id, "KILLED")
+        if dead:
+            log.warning("marked %d run(s) left RUNNING by killed processes as KILLED", len(dead))
+        return dead
+
     def producer(self, key: str) -> Run | None:
         """The newest finished run that computed the artifact of ``key`` (reuse runs excluded)."""
         runs = self.client.search_runs(
@@ -177,7 +203,7 @@ class Tracker:
         return next((r for r in runs if TAG_REUSED not in r.data.tags), None)
 
     def _tags(self, parent: str | None, stage: str, key: str, uri: str, inputs: dict[str, str]) -> dict[str, str]:
-        tags = {TAG_STAGE: stage, TAG_KEY: key, TAG_URI: uri, TAG_CODE: code_version()}
+        tags = {TAG_STAGE: stage, TAG_KEY: key, TAG_URI: uri, TAG_CODE: code_version(), TAG_PROCESS: process_id()}
         if parent:
             tags[TAG_PARENT] = parent
         return tags | {TAG_UPSTREAM + role: run for role, run in inputs.items() if run}
@@ -186,6 +212,49 @@ class Tracker:
         flat = [Param(k, str(v)[:_MAX_PARAM]) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=flat[i:i + 100])
+
+
+def process_id(pid: int | None = None) -> str:
+    """``<host>/<boot id>.<pid namespace>/<pid>/<start time>`` of a process (this one by default): unique across
+    pid reuse and containers."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}/{_boot_id()}/{pid}/{_start_time(pid)}"
+
+
+def _alive(owner: str) -> bool:
+    """Whether the process named by :func:`process_id` still runs (same pid and same start time)."""
+    try:
+        pid = int(owner.rsplit("/", 2)[1])
+    except (IndexError, ValueError):
+        return True  # not ours to judge
+    return _start_time(pid) == owner.rsplit("/", 1)[1] != "gone"
+
+
+@functools.cache
+def _boot_id() -> str:
+    """This boot of the kernel and this pid namespace: pids mean the same process only within both."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").rstrip("]")
+    except OSError:
+        return "noboot"
+    return f"{boot}.{namespace}"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), ``alive`` elsewhere, ``gone`` when none runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        pass
+    return "alive"
 
 
 def walk(client: MlflowClient, run_id: str) -> list[Node]:

@@ -174,8 +174,8 @@ def run_stage(ctx: RunContext, stage: str, params: StageParams, compute: Compute
             if output.register_as:
                 tracker.register(output.register_as, run_id, uri, key)
             tracker.finish(run_id, output.metrics)
-        except BaseException:
-            tracker.finish(run_id, status="FAILED")
+        except BaseException as err:
+            _close_failed(tracker, run_id, "FAILED" if isinstance(err, Exception) else "KILLED")
             raise
     return StageResult(stage=stage, key=key, uri=uri, run_id=manifest.run_id, parent_run_id=manifest.parent_run_id)
 
@@ -217,6 +217,14 @@ def _durable(ctx: RunContext, tracker: Tracker, stage: str, key: str, uri: str) 
         return None
     log.info("%s %s found through MLflow at %s", stage, key[:12], other)
     return StageResult(stage=stage, key=key, uri=other, run_id=manifest.run_id, parent_run_id=manifest.parent_run_id)
+
+
+def _close_failed(tracker: Tracker, run_id: str, status: str) -> None:
+    """Mark the stage run ended; if MLflow itself is what failed, keep the original error, not this one."""
+    try:
+        tracker.finish(run_id, status=status)
+    except Exception as err:  # the next run marks it KILLED (Tracker.close_orphans)
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(err).splitlines()[0][:200])
 
 
 def _mentions(annotation: Any, cls: type) -> bool:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _BLOCK = 1 << 22  # hash in 4 MiB reads
+_STAGE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 class FileEntry(BaseModel):
@@ -80,6 +83,7 @@ class Store:
 
     def uri(self, stage: str, key: str) -> str:
         """Where the artifact of ``stage``/``key`` lives (a path for local stores)."""
+        check_names(stage, key)
         path = f"{self.base}/{stage}/{key}"
         return self.fs.unstrip_protocol(path) if self.remote else path
 
@@ -102,6 +106,7 @@ class Store:
     @contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
         """Hold the per-key lock (one machine; a remote store relies on :meth:`publish` keeping the first)."""
+        check_names(stage, key)
         where = (self.local_root / "locks") if self.remote else Path(self.base) / ".locks"
         where.mkdir(parents=True, exist_ok=True)
         with FileLock(str(where / f"{stage}-{key}.lock")):
@@ -113,6 +118,7 @@ class Store:
 
         Call it holding :meth:`lock`: leftovers of a killed writer of the same key are removed first.
         """
+        check_names(stage, key)
         parent = (self.local_root / "tmp") if self.remote else Path(self.base) / stage
         parent.mkdir(parents=True, exist_ok=True)
         for stale in parent.glob(f".tmp-{key[:16]}-*"):
@@ -153,6 +159,7 @@ class Store:
 
     def _fetch(self, stage: str, key: str) -> Path | None:
         """Download a remote artifact into the local cache (once); None when its manifest is missing."""
+        check_names(stage, key)
         remote = f"{self.base}/{stage}/{key}"
         cached = self.local_root / "cache" / "stages" / stage / key
         if verify_folder(cached, stage=stage, key=key) is not None:
@@ -178,6 +185,18 @@ class Store:
             self.fs.put_file(str(tmp / rel), f"{remote}/{rel}")
         self.fs.put_file(str(tmp / MANIFEST), f"{remote}/{MANIFEST}")
         return manifest
+
+
+def check_names(stage: str, key: str) -> None:
+    """Refuse a stage name or key that could leave the store (``../``, ``/``, ``~``): keys are sha256 hex.
+
+    Raises:
+        ValueError: ``stage`` is not a lowercase name or ``key`` not 64 hex digits.
+    """
+    if not isinstance(stage, str) or not _STAGE.fullmatch(stage):
+        raise ValueError(f"stage name {stage!r} is not a lowercase name ([a-z][a-z0-9_-]*)")
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(f"artifact key {key!r} of stage {stage!r} is not 64 lowercase hex digits (a sha256)")
 
 
 def verify_folder(folder: Path, *, stage: str | None = None, key: str | None = None) -> Manifest | None:

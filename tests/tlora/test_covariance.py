@@ -214,7 +214,7 @@ def test_store_keeps_each_sum_whole_in_unpadded_row_chunks(tmp_path, monkeypatch
         arr = root[g]
         assert arr.shape == s.shape and arr.dtype == np.float64 and np.array_equal(arr[...], s.numpy())
         rows = arr.chunks[0]
-        assert arr.chunks[1] == s.shape[1] and rows * s.shape[1] <= 12 or rows == 1
+        assert arr.chunks[1] == s.shape[1] and (rows * s.shape[1] <= 12 or rows == 1)
         assert -(-s.shape[0] // rows) * rows - s.shape[0] < -(-s.shape[0] // rows)  # padding < one row per chunk
     assert root["g6"].chunks == (2, 6) and root["g5"].chunks == (2, 5)
     back = load_covariance(path)
