@@ -35,9 +35,9 @@ TASK_SIDE = ("covariance", "spectrum", "sensitivity")
 ORDER = ("model", "calibration", "covariance", "spectrum", "sensitivity", "allocation", "init", "train", "evaluate",
          "merge")
 FULL_SET = ["calibration.n_calib=4", "calibration.max_length=128", "targets=[q_proj,k_proj,v_proj,o_proj]",
-            "train.max_steps=2", "evaluate.max_examples=4", "evaluate.max_generate=1", "evaluate.max_new_tokens=8"]
+            "train.max_steps=1", "evaluate.max_examples=4", "evaluate.max_generate=0"]
 """Overrides of configs/demo.yaml for the full run: fewer calibration samples, attention targets only (120
-modules), 2 train steps and a few evaluation examples, so that 6 pipeline invocations and 3 direct runs fit the
+modules), 1 train step, loss on 4 evaluation examples, so that 7 pipeline invocations and 3 direct runs fit the
 time box of a 2-core machine shared with other work. Artifact sizes (model, merged model) are the demo's."""
 FULL_BUDGETS = ["480", "720", "960", "1440"]
 QUICK_BUDGETS = ["14", "21", "28", "42"]
@@ -75,25 +75,33 @@ def measure(args, work: Path, env: dict[str, str]) -> dict:
     """Independent runs, direct runs, the sweep and its re-run; per-stage figures from logs and MLflow."""
     config = quick_config(work) if args.quick else demo_config(args.threads)
     budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS
+    seed = work / "seed"  # the task's mined rows, as a user has them after the first run (not timed)
+    invoke(work, env, "mine", {"mode": "mine", "config": with_root(config, seed, None)})
     runs = []
     for i, budget in enumerate(budgets):  # 4 independent pipeline runs, a fresh artifacts root each
-        cfg = with_root(config, work / f"run-{i}", budget)
+        cfg = with_root(config, seeded(seed, work / f"run-{i}"), budget)
         runs.append(invoke(work, env, f"run-{i}", {"mode": "run", "config": cfg}))
         print(f"run {i} (budget {budget}): {runs[-1]['process_s']:.1f} s", flush=True)
     direct = []
     for i in range(args.repeats):  # the same compute functions on run i's inputs, fresh process and scratch root
         cfg = with_root(config, work / f"run-{i}", budgets[i])
         direct.append(invoke(work, env, f"direct-{i}", {"mode": "direct", "config": cfg, "calls": runs[i]["calls"],
-                                                        "scratch": str(work / f"direct-{i}")}))
+                                                        "scratch": str(seeded(seed, work / f"direct-{i}"))}))
         print(f"direct {i}: {sum(direct[-1]['compute_s'].values()):.1f} s", flush=True)
-    cfg = with_root(config, work / "sweep", None)
+    cfg = with_root(config, seeded(seed, work / "sweep"), None)
     sweep = invoke(work, env, "sweep", {"mode": "sweep", "config": cfg, "budgets": budgets})
     print(f"sweep: {sweep['process_s']:.1f} s", flush=True)
     again = invoke(work, env, "sweep-again", {"mode": "sweep", "config": cfg, "budgets": budgets})
     print(f"sweep again (all cached): {again['process_s']:.1f} s", flush=True)
+    shutil.rmtree(work / "sweep" / "cache" / "verified", ignore_errors=True)  # every hit hashes its files again
+    cold = invoke(work, env, "sweep-cold", {"mode": "sweep", "config": cfg, "budgets": budgets})
+    print(f"sweep again without verification stamps: {cold['process_s']:.1f} s", flush=True)
     for r, root in [*((r, work / f"run-{i}") for i, r in enumerate(runs)), (sweep, work / "sweep")]:
         r["mlflow"] = mlflow_stage_runs(root)
-    return analyse(config, budgets, runs, direct, sweep, again, args)
+    report = analyse(config, budgets, runs, direct, sweep, again, args)
+    report["sweep_unstamped"] = {"process_s": cold["process_s"], "flow_s": cold["flow_s"],
+                                 "hits": [c for c in cold["calls"] if c["status"] == "reused"]}
+    return report
 
 
 def analyse(config: dict, budgets: list[str], runs: list[dict], direct: list[dict], sweep: dict, again: dict,
@@ -198,6 +206,13 @@ def section(r: dict) -> str:
                      f"{s['overhead_median_s']:+.2f} | {outside} |")
     hits = ", ".join(f"{h['stage']} {h['seconds']:.2f}" for h in again["hits"])
     lines += ["", f"Cache hits (s): {hits}."]
+    if r.get("sweep_unstamped"):
+        cold = r["sweep_unstamped"]
+        worst = max(cold["hits"], key=lambda h: h["seconds"])
+        lines += ["", f"The same re-run with the verification stamps deleted (every hit hashes its artifact, as "
+                  f"before `flows.stage.verified`): {cold['process_s']:.1f} s, flow {cold['flow_s']:.1f} s, "
+                  f"worst hit {worst['stage']} {worst['seconds']:.2f} s; hits (s): "
+                  + ", ".join(f"{h['stage']} {h['seconds']:.2f}" for h in cold["hits"]) + "."]
     if r.get("notes"):
         lines += ["", *r["notes"]]
     return "\n".join(lines) + "\n"
@@ -238,7 +253,14 @@ def child(spec: dict) -> None:
     stage_log = logging.getLogger("flows.stage")
     stage_log.addHandler(Calls())
     stage_log.setLevel(logging.INFO)
-    if spec["mode"] == "direct":
+    if spec["mode"] == "mine":
+        from flows.config import validate_config
+        from flows.prepare import task_splits
+
+        cfg = validate_config(spec["config"])
+        task_splits(cfg.task, cfg.store.root)
+        out = {}
+    elif spec["mode"] == "direct":
         out = direct(spec)
     else:
         cfg_path = Path(spec["out"]).with_suffix(".yaml")
@@ -342,6 +364,13 @@ def quick_config(work: Path) -> dict:
             "allocation": {"r": 2, "alpha": 4},
             "train": {"max_steps": 2, "batch_size": 4, "max_length": 32, "logging_steps": 1},
             "evaluate": {"max_examples": 6, "max_generate": 2, "max_new_tokens": 3, "max_length": 32}, "threads": 1}
+
+
+def seeded(seed: Path, root: Path) -> Path:
+    """A fresh root holding a copy of the mined task rows (``<root>/cache/tasks``)."""
+    if (seed / "cache").is_dir():
+        shutil.copytree(seed / "cache", root / "cache")
+    return root
 
 
 def with_root(config: dict, root: Path, budget: str | None) -> dict:
