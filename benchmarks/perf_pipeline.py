@@ -237,8 +237,8 @@ def section(r: dict) -> str:
                   f"before `flows.stage.verified`): {cold['process_s']:.1f} s, flow {cold['flow_s']:.1f} s, "
                   f"worst hit {worst['stage']} {worst['seconds']:.2f} s; hits (s): "
                   + ", ".join(f"{h['stage']} {h['seconds']:.2f}" for h in cold["hits"]) + "."]
-    if r.get("notes"):
-        lines += ["", *r["notes"]]
+    for note in r.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
