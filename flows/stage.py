@@ -15,7 +15,9 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
@@ -25,13 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.lineage import Dataset, Tracker, code_version
 from flows.plots import PLOTS
-from flows.store import Manifest, Store
+from flows.store import MANIFEST, Manifest, Store
 
 log = logging.getLogger(__name__)
 
 STAGE_VERSIONS = {"model": 1, "calibration": 1, "covariance": 1, "spectrum": 1, "sensitivity": 1, "allocation": 1,
                   "init": 1, "train": 1, "evaluate": 1, "merge": 1}
 """Bump a stage's version when its computation or artifact format changes: its key and all below it change."""
+STAMP_MARGIN_S = 2.0
+"""A verification stamp is written only for files last changed this long before (see :func:`verified`)."""
 UNKEYED = {"keyed": False}
 """``Field(json_schema_extra=UNKEYED)``: a setting that does not change the artifact (batch size, paths)."""
 
@@ -118,7 +122,10 @@ class RunContext(BaseModel):
 
     def open(self, result: StageResult) -> Path:
         """A verified local folder with ``result``'s artifact."""
-        return self.store(result.uri).path(result.stage, result.key)
+        store = self.store(result.uri)
+        if not store.remote and verified(self, result.stage, result.key, store) is not None:
+            return Path(store.uri(result.stage, result.key))
+        return store.path(result.stage, result.key)
 
 
 Compute = Callable[[Any, RunContext, Path], StageOutput]
@@ -140,8 +147,42 @@ def prefect_cache_key(stage: str, _task_ctx: Any, inputs: dict[str, Any]) -> str
     """``<stage>-<key>-<artifact digest>`` when the artifact verifies, else None: no cache entry is trusted."""
     ctx, params = inputs["ctx"], inputs["params"]
     key = params.key(stage)
-    manifest = ctx.store().verify(stage, key)
+    manifest = verified(ctx, stage, key)
     return None if manifest is None else f"{stage}-{key}-{manifest.digest[:16]}"
+
+
+def verified(ctx: RunContext, stage: str, key: str, store: Store | None = None) -> Manifest | None:
+    """``store.verify``, without hashing again files unchanged since this root last verified them in full.
+
+    A local artifact that verifies gets a stamp under ``<root>/cache/verified``: the size, mtime, ctime and inode of
+    its manifest and of every file. While they all still match, the checksums are not read again (git's index and
+    DVC's state make the same trade), so a cache hit or a downstream read of a 0.5 GB model does not hash it each
+    time. Any write, truncation, replacement, deletion or extra file changes the signature and forces the full
+    check. Files changed in the last seconds before a verification (within the filesystem's clock granularity)
+    get no stamp, as git treats racily clean entries. Remote stores are always verified in full.
+    """
+    store = store or ctx.store()
+    if store.remote:
+        return store.verify(stage, key)
+    folder = Path(store.uri(stage, key))
+    where = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    stamp = Path(ctx.root) / "cache" / "verified" / f"{stage}-{key}-{where}.json"
+    signature = _signature(folder)
+    if signature is not None and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == signature:
+                manifest = Manifest.model_validate_json((folder / MANIFEST).read_text())
+                if manifest.stage == stage and manifest.key == key:
+                    return manifest
+        except (OSError, ValueError):
+            pass
+    manifest = store.verify(stage, key)
+    if manifest is not None and signature is not None and _settled(signature) and signature == _signature(folder):
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(json.dumps(signature))
+        os.replace(tmp, stamp)
+    return manifest
 
 
 def run_stage(ctx: RunContext, stage: str, params: StageParams, compute: Compute) -> StageResult:
@@ -150,7 +191,7 @@ def run_stage(ctx: RunContext, stage: str, params: StageParams, compute: Compute
     store, tracker = ctx.store(), ctx.tracker()
     uri = store.uri(stage, key)
     with store.lock(stage, key):
-        manifest = store.verify(stage, key)
+        manifest = verified(ctx, stage, key, store)
         if manifest is not None:
             return StageResult(stage=stage, key=key, uri=uri, run_id=manifest.run_id,
                                parent_run_id=manifest.parent_run_id)
@@ -225,6 +266,25 @@ def _close_failed(tracker: Tracker, run_id: str, status: str) -> None:
         tracker.finish(run_id, status=status)
     except Exception as err:  # the next run marks it KILLED (Tracker.close_orphans)
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(err).splitlines()[0][:200])
+
+
+def _signature(folder: Path) -> list[list] | None:
+    """(relative path, size, mtime, ctime, inode) of every file under ``folder``, sorted; None if unreadable."""
+    try:
+        out = []
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() or p.is_symlink():
+                st = p.stat()
+                out.append([p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+        return out if any(entry[0] == MANIFEST for entry in out) else None
+    except OSError:
+        return None
+
+
+def _settled(signature: list[list]) -> bool:
+    """Whether every file was last changed STAMP_MARGIN_S ago (else a same-size rewrite could share its times)."""
+    newest = max(max(entry[2], entry[3]) for entry in signature)
+    return time.time_ns() - newest > STAMP_MARGIN_S * 1e9
 
 
 def _mentions(annotation: Any, cls: type) -> bool:

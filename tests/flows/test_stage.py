@@ -4,13 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from pydantic import Field
 
+import flows.stage
+import flows.store
 from flows.adapt import AllocationParams
-from flows.stage import UNKEYED, StageOutput, StageParams, StageResult, prefect_cache_key, run_stage
+from flows.stage import UNKEYED, StageOutput, StageParams, StageResult, prefect_cache_key, run_stage, verified
 from tests.flows.conftest import REPO, context
 from tlora.methods import Method
 
@@ -92,6 +95,27 @@ def test_the_prefect_cache_key_stands_for_a_verified_artifact(workspace):
     assert prefect_cache_key(STAGE, None, inputs) is None
     run_stage(ctx, STAGE, inputs["params"], toy)
     assert prefect_cache_key(STAGE, None, inputs) not in (None, cached)  # a recomputed artifact is a new entry
+
+
+def test_a_verified_artifact_is_hashed_again_only_once_a_file_changes(workspace, monkeypatch):
+    ctx = context(workspace())
+    params = ToyParams(value=7)
+    result = run_stage(ctx, STAGE, params, toy)
+    monkeypatch.setattr(flows.stage, "STAMP_MARGIN_S", 0.05)
+    hashed = []
+    real = flows.store._sha256
+    monkeypatch.setattr(flows.store, "_sha256", lambda path: hashed.append(path) or real(path))
+    time.sleep(0.1)
+    first = verified(ctx, STAGE, result.key)
+    assert first is not None and len(hashed) == 1  # value.json, in full, then stamped
+    assert verified(ctx, STAGE, result.key) == first and ctx.open(result) == Path(result.uri)
+    assert prefect_cache_key(STAGE, None, {"ctx": ctx, "params": params}) is not None and len(hashed) == 1
+    time.sleep(0.05)
+    (Path(result.uri) / "value.json").write_text('{"value": 8}')  # same size, other bytes
+    assert verified(ctx, STAGE, result.key) is None and len(hashed) == 2
+    assert prefect_cache_key(STAGE, None, {"ctx": ctx, "params": params}) is None
+    with pytest.raises(FileNotFoundError):
+        ctx.open(result)
 
 
 def test_failed_compute_marks_its_run_failed_and_publishes_nothing(workspace):
