@@ -267,7 +267,11 @@ def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value of {dotted.strip()} is not valid YAML "
+                          f"({str(err).splitlines()[0]})") from err
     return out
 
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
+from uuid import UUID
 
 import pytest
 from mlflow import MlflowClient
@@ -117,8 +118,11 @@ def test_long_stages_left_prefect_progress_artifacts_at_100(sweeps):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     keys = ["covariance-progress", "sensitivity-progress", "train-progress"]
+    flow_runs = {UUID(sweeps.client.get_run(r.parent_run_id).data.tags["prefect.flow_run_id"])
+                 for r in (sweeps.first, sweeps.second)}  # the session's server also holds other tests' runs
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        found = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+                 if a.flow_run_id in flow_runs]
     by_key = {k: [a for a in found if a.key == k] for k in keys}
     assert len(by_key["train-progress"]) >= 3  # one per trained branch (tlora, lora, tlora at rank 20)
     for key, artifacts in by_key.items():

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -123,5 +124,14 @@ def test_servers_bind_loopback_unless_configured():
     wildcard = re.compile(r"""(0\.0\.0\.0|host\s*=\s*["']::["']|--host[ =]+::)""")
     offenders = [f"{p.relative_to(REPO)}:{i}" for p in SERVER_FILES
                  for i, line in enumerate(p.read_text(errors="ignore").splitlines(), 1)
-                 if wildcard.search(line) and "${" not in line and "environ" not in line]
+                 if wildcard.search(line) and "${" not in line and "environ" not in line
+                 and p.name != "docker-compose.yml"]  # container-side binds: see the next test
     assert offenders == []
+
+
+def test_compose_services_listen_inside_their_network_and_publish_only_on_loopback():
+    """In deploy/docker-compose.yml a server binds 0.0.0.0 inside its container (the only way the other containers
+    reach it); what reaches the host is its published ports, and those must all be 127.0.0.1."""
+    compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    published = [str(p) for svc in compose["services"].values() for p in svc.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
