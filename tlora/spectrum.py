@@ -8,16 +8,18 @@ activation covariance, both float64:
 The top ``r_max`` rows are computed once and sliced per budget, so every prefix of them must be right.
 Solvers: ``exact`` is ``torch.linalg.svd`` (the oracle); ``gram`` takes the eigenvectors of the smaller
 Gram matrix (MᵀM, or MMᵀ when d_out < d_in, then V = MᵀU/σ). Squaring M squares its condition, so
-``auto`` keeps the gram result only where a Davis–Kahan bound puts every prefix subspace within
-``GRAM_TOLERANCE`` of the exact one, and falls back to ``exact`` per module elsewhere.
+``auto`` keeps the gram result only where it is certified: either a priori, where a Davis–Kahan bound puts
+every prefix subspace within ``GRAM_TOLERANCE`` of the exact one, or a posteriori, where the computed
+eigenpairs' residuals against the Gram pass the same per-prefix test as the randomized solver below
+(:func:`_ritz_converged`). It falls back to ``exact`` per module elsewhere.
 ``randomized`` is block subspace iteration on the smaller Gram matrix with a block of ``2·r`` vectors,
 finished by a Rayleigh–Ritz step on M itself (the SVD of the thin ``M·Q``); it stops when the Ritz
 residuals put every prefix within ``RANDOMIZED_SINE`` of its exact subspace, or, for a prefix whose last
 singular value nearly coincides with the next one (relative gap below ``NEAR_GAP``: the subspace itself is
 ill-defined there), when they put its captured energy ‖M·Aᵀ‖²_F within ``RANDOMIZED_ENERGY`` of the exact.
-It falls back to ``exact`` when it does not get there in ``RANDOMIZED_MAX_ITER`` steps. ``auto`` takes it
-wherever the block is under half of the Gram's dimension (where it is several times faster than a full
-SVD), and the gram/exact rule above elsewhere.
+It falls back to ``exact`` when it does not get there in ``RANDOMIZED_MAX_ITER`` steps. (At SmolLM2's
+shapes a full ``eigh`` of the 576-wide Gram is cheaper than the ~11 steps the iteration needs, so ``auto``
+no longer takes it.)
 Invariant (tested): rows orthonormal, and the span of every prefix equals the exact SVD's within tolerance
 (or, across a near-coincident pair, its energy does).
 Each vector's sign is fixed (largest-magnitude entry positive), so results are reproducible.
@@ -80,8 +82,7 @@ def compute_spectrum(
     Args:
         modules: the modules to compute (default: every module of the covariance).
         solver: ``exact``, ``gram``, ``randomized`` (exact where it does not converge), or ``auto``
-            (randomized where the block is small against the matrix, else gram where its error bound
-            allows, else exact).
+            (gram where its a-priori bound or its residuals certify it, else exact).
         check_fingerprint: refuse a covariance recorded for another model.
 
     Returns:
@@ -181,11 +182,11 @@ def _top_right_singular(m: torch.Tensor, r: int, solver: Solver) -> tuple[torch.
     """Top-r right singular vectors ``[r, d_in]`` and values ``[r]`` of m, and the solver that made them."""
     if solver == "exact":
         return (*_exact(m, r), "exact")
-    if solver == "randomized" or (solver == "auto" and 2 * _block(r) < min(m.shape)):
+    if solver == "randomized":
         found = _randomized(m, r)
         return (*found, "randomized") if found is not None else (*_exact(m, r), "exact")
-    v, s, sigma = _gram(m, r)
-    if solver == "gram" or gram_error_bound(sigma, r, m.shape[1], m.shape[0]) <= GRAM_TOLERANCE:
+    v, s, sigma, certified = _gram(m, r, certify=solver == "auto")
+    if solver == "gram" or certified or gram_error_bound(sigma, r, m.shape[1], m.shape[0]) <= GRAM_TOLERANCE:
         return v, s, "gram"
     return (*_exact(m, r), "exact")
 
@@ -195,20 +196,28 @@ def _exact(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vh[:r], s[:r]
 
 
-def _gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eigen-solve the smaller Gram matrix; also return all its σ (descending) for the error bound."""
+def _gram(m: torch.Tensor, r: int, *, certify: bool = False
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Eigen-solve the smaller Gram matrix; also return all its σ (descending) for the error bound, and,
+    with ``certify``, whether the eigenvectors' residuals pass :func:`_ritz_converged` for every prefix."""
     d_out, d_in = m.shape
-    if d_in <= d_out:
-        lam, q = torch.linalg.eigh(m.T @ m)  # ascending; q's columns are right singular vectors
-        v = q.flip(1)[:, :r]  # [d_in, r]
-    else:
-        lam, u = torch.linalg.eigh(m @ m.T)
-        # V = MᵀU/σ; QR instead of dividing keeps the rows orthonormal when some σ is ~0.
-        q, rr = torch.linalg.qr(m.T @ u.flip(1)[:, :r])
-        v = q * torch.where(rr.diagonal() < 0, -1.0, 1.0)
-    sigma = lam.flip(0).clamp(min=0).sqrt()
+    right = d_in <= d_out
+    gram = m.T @ m if right else m @ m.T
+    lam, q = torch.linalg.eigh(gram)  # ascending
+    lam, q = lam.flip(0), q.flip(1)
+    x = q[:, :r]  # right singular vectors (MᵀM) or left ones (MMᵀ)
+    certified = False
+    if certify:  # the residuals of the computed pairs against the same Gram, as the randomized solver does
+        residual = torch.linalg.vector_norm(gram @ x - x * lam[:r], dim=0)
+        certified = _ritz_converged(lam[: min(_block(r), len(lam))], residual, r, len(lam))
+    if right:
+        v = x  # [d_in, r]
+    else:  # V = MᵀU/σ; QR instead of dividing keeps the rows orthonormal when some σ is ~0.
+        qq, rr = torch.linalg.qr(m.T @ x)
+        v = qq * torch.where(rr.diagonal() < 0, -1.0, 1.0)
+    sigma = lam.clamp(min=0).sqrt()
     # ‖Mv‖ is accurate to second order in v's error, unlike sqrt(λ), which loses the small σ.
-    return v.T, torch.linalg.vector_norm(m @ v, dim=0), sigma
+    return v.T, torch.linalg.vector_norm(m @ v, dim=0), sigma, certified
 
 
 def _block(r: int) -> int:
