@@ -41,7 +41,10 @@ Centering = Literal["per_sample"]
 Precision = Literal["float32", "float64"]
 _FORWARD_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _BLOCKS = 4  # off CPU, S is accumulated in 4 block rows, lower part only; mirrored once at the end
-_ADD_BLOCKS = 8  # on CPU, a batch's float32 SYRK result is added to the float64 sum in 8 block rows (9/16 of it)
+_ADD_BLOCKS = 8  # on CPU, the float32 SYRK partial sum is added to the float64 sum in 8 block rows (9/16 of it)
+# On CPU, float32 partial sums span at most this many tokens (or one batch, if larger) before they are added to
+# the float64 sums: what one batch of 16 x 128 tokens sums in float32 inside its GEMM anyway.
+_FP32_TOKENS = 2048
 
 
 class CovarianceStats(BaseModel):
@@ -124,8 +127,9 @@ def collect_covariance(
         batches: dicts with ``input_ids`` and ``attention_mask`` ``[B, T]`` (padding on either side;
             ``labels`` are ignored). All of them are checked before the first forward pass.
         targets: from :func:`tlora.targets.find_targets`, or a spec to pass to it.
-        precision: dtype of the centred activations and their GEMM. ``float32`` is accumulated into
-            float64 sums once per batch; ``float64`` makes the whole sum float64.
+        precision: dtype of the centred activations and their GEMM. ``float32`` partial sums span one
+            batch (on CPU: up to 2048 tokens, or one larger batch) and are accumulated into float64 sums;
+            ``float64`` makes the whole sum float64.
         model_fingerprint: recorded as given; computed from the model's weights when ``None``.
         on_progress: called as ``on_progress(batches_done, n_batches)`` after each batch.
 
@@ -282,7 +286,9 @@ class _Accumulator:
         self.groups = groups
         self.dtype = dtype
         self.sums: dict[str, torch.Tensor] = {}  # group -> float64, lower triangle of S (upper: scratch)
-        self.scratch: dict[str, np.ndarray] = {}  # group -> float32 Fortran [d, d], the CPU SYRK's output
+        self.scratch: dict[str, np.ndarray] = {}  # group -> float32 Fortran [d, d], the CPU SYRK's partial sum
+        self.pending: set[str] = set()  # groups whose scratch holds a partial sum not yet in self.sums
+        self.pending_tokens = 0
         self.n_tokens = 0
         self.n_samples = 0
 
@@ -292,6 +298,9 @@ class _Accumulator:
         self.rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] valid rows of the flattened [B*T, d] input
         self.sample = self.rows // mask.shape[1]  # [N] the sample each valid row belongs to
         self.counts = mask.sum(1).to(self.dtype)[:, None]  # [B, 1]
+        if self.pending_tokens and self.pending_tokens + len(self.rows) > _FP32_TOKENS:
+            self._flush()
+        self.pending_tokens += len(self.rows)
         self.calls = dict.fromkeys(self.groups, 0)
         self.n_tokens += len(self.rows)
         self.n_samples += mask.shape[0]
@@ -317,7 +326,7 @@ class _Accumulator:
         if group not in self.sums:
             self.sums[group] = torch.zeros(d, d, dtype=torch.float64, device=xc.device)
         low = self.sums[group]
-        if xc.device.type != "cpu":
+        if not _use_syrk(xc):
             # Block rows of the lower part, [i0:i1, :i1]: (B+1)/2B of the GEMM (5/8 with 4 blocks).
             for i0, i1 in _blocks(d):
                 if self.dtype == torch.float64:
@@ -333,13 +342,22 @@ class _Accumulator:
             return
         if group not in self.scratch:
             self.scratch[group] = np.zeros((d, d), dtype=np.float32, order="F")
-        part = ssyrk(1.0, a, beta=0.0, c=self.scratch[group], trans=0, lower=0, overwrite_c=1)
-        batch = torch.from_numpy(part).T  # [d, d] C-contiguous; its lower triangle is this batch's
-        for i0, i1 in _blocks(d, _ADD_BLOCKS):
-            low[i0:i1, :i1].add_(batch[i0:i1, :i1])  # float32 per batch, float64 across batches
+        beta = 1.0 if group in self.pending else 0.0  # 0: overwrite what was flushed already
+        ssyrk(1.0, a, beta=beta, c=self.scratch[group], trans=0, lower=0, overwrite_c=1)  # in place
+        self.pending.add(group)
+
+    def _flush(self) -> None:
+        """Add the float32 partial sums to the float64 sums (lower triangle, in block rows)."""
+        for group in self.pending:
+            low, part = self.sums[group], torch.from_numpy(self.scratch[group]).T  # both C-contiguous
+            for i0, i1 in _blocks(low.shape[0], _ADD_BLOCKS):
+                low[i0:i1, :i1].add_(part[i0:i1, :i1])
+        self.pending.clear()
+        self.pending_tokens = 0
 
     def result(self, group: str) -> torch.Tensor:
         """The group's full S from its lower triangle: L + strict(L)ᵀ (exactly symmetric)."""
+        self._flush()
         low = self.sums[group].tril()
         return low + low.tril(-1).T
 
@@ -350,10 +368,17 @@ class _Accumulator:
                 raise ValueError(f"module {group!r} was not called in batch {j}; it cannot be a target")
             # A NaN/Inf input makes its column's centred values non-finite, hence S's diagonal entry, which
             # is a sum of squares and so stays non-finite in every later batch: d values to check per batch.
-            if not bool(torch.isfinite(self.sums[group].diagonal()).all()):
+            diag = (torch.from_numpy(self.scratch[group]).diagonal() if group in self.pending
+                    else self.sums[group].diagonal())  # the scratch holds this batch when it is pending
+            if not bool(torch.isfinite(diag).all()):
                 shared = f" (shared by {', '.join(members[1:])})" if len(members) > 1 else ""
                 raise ValueError(f"non-finite (NaN/Inf) input activations at module {group!r}{shared} in batch {j} "
                                  "(or values whose squares overflow)")
+
+
+def _use_syrk(xc: torch.Tensor) -> bool:
+    """Whether ``xc``'s Gram matrix is accumulated by scipy's BLAS SYRK (CPU) or torch's GEMM (elsewhere)."""
+    return xc.device.type == "cpu"
 
 
 def _blocks(d: int, n: int = _BLOCKS) -> list[tuple[int, int]]:
