@@ -285,7 +285,7 @@ class _Accumulator:
     def __init__(self, groups: Mapping[str, list[str]], dtype: torch.dtype) -> None:
         self.groups = groups
         self.dtype = dtype
-        self.sums: dict[str, torch.Tensor] = {}  # group -> float64, lower triangle of S (upper: scratch)
+        self.sums: dict[str, torch.Tensor] = {}  # group -> float64; its lower triangle is S's, the rest unused
         self.scratch: dict[str, np.ndarray] = {}  # group -> float32 Fortran [d, d], the CPU SYRK's partial sum
         self.pending: set[str] = set()  # groups whose scratch holds a partial sum not yet in self.sums
         self.pending_tokens = 0
@@ -336,7 +336,7 @@ class _Accumulator:
             return
         # A C-contiguous [N, d] array is the Fortran [d, N] array xcᵀ, and the C-contiguous float64 sum the
         # Fortran sumᵀ: SYRK's "upper triangle of a·aᵀ" in those terms is the lower triangle of xcᵀ xc.
-        a = xc.numpy().T
+        a = xc.detach().numpy().T
         if self.dtype == torch.float64:
             dsyrk(1.0, a, beta=1.0, c=low.numpy().T, trans=0, lower=0, overwrite_c=1)  # in place
             return
