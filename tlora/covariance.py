@@ -9,8 +9,9 @@ response alike, never padding) and μ_s their mean:
 Invariants (tested): S is kept as float64 sums plus counts, so shards add up (:func:`merge_covariances`)
 and any batch size or padding side gives the S of batch size 1; S is exactly symmetric. Each sample is
 centred *before* the GEMM rather than through Σxxᵀ − n·μμᵀ, which cancels catastrophically when |μ| is
-large against the spread. Only the upper block rows of S are accumulated (5/8 of the GEMM work, which is
-as large as the forward pass's own) and mirrored once at the end.
+large against the spread. Only the lower triangle of S is accumulated and mirrored once at the end: on CPU
+by a BLAS SYRK (half the flops of the full GEMM, which is as large as the forward pass's own), elsewhere by
+the lower block rows of a torch GEMM (5/8 of it).
 The artifact is ``covariance.zarr`` (DESIGN §2): one float64 ``[d_in, d_in]`` matrix per group.
 """
 
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from scipy.linalg.blas import dsyrk, ssyrk
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,7 +40,11 @@ log = logging.getLogger(__name__)
 Centering = Literal["per_sample"]
 Precision = Literal["float32", "float64"]
 _FORWARD_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-_BLOCKS = 4  # S is accumulated in 4 block rows, upper part only; mirrored once at the end
+_BLOCKS = 4  # off CPU, S is accumulated in 4 block rows, lower part only; mirrored once at the end
+_ADD_BLOCKS = 8  # on CPU, the float32 SYRK partial sum is added to the float64 sum in 8 block rows (9/16 of it)
+# On CPU, float32 partial sums span at most this many tokens (or one batch, if larger) before they are added to
+# the float64 sums: what one batch of 16 x 128 tokens sums in float32 inside its GEMM anyway.
+_FP32_TOKENS = 2048
 
 
 class CovarianceStats(BaseModel):
@@ -120,8 +127,9 @@ def collect_covariance(
         batches: dicts with ``input_ids`` and ``attention_mask`` ``[B, T]`` (padding on either side;
             ``labels`` are ignored). All of them are checked before the first forward pass.
         targets: from :func:`tlora.targets.find_targets`, or a spec to pass to it.
-        precision: dtype of the centred activations and their GEMM. ``float32`` is accumulated into
-            float64 sums once per batch; ``float64`` makes the whole sum float64.
+        precision: dtype of the centred activations and their GEMM. ``float32`` partial sums span one
+            batch (on CPU: up to 2048 tokens, or one larger batch) and are accumulated into float64 sums;
+            ``float64`` makes the whole sum float64.
         model_fingerprint: recorded as given; computed from the model's weights when ``None``.
         on_progress: called as ``on_progress(batches_done, n_batches)`` after each batch.
 
@@ -277,7 +285,10 @@ class _Accumulator:
     def __init__(self, groups: Mapping[str, list[str]], dtype: torch.dtype) -> None:
         self.groups = groups
         self.dtype = dtype
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # group -> float64; its lower triangle is S's, the rest unused
+        self.scratch: dict[str, np.ndarray] = {}  # group -> float32 Fortran [d, d], the CPU SYRK's partial sum
+        self.pending: set[str] = set()  # groups whose scratch holds a partial sum not yet in self.sums
+        self.pending_tokens = 0
         self.n_tokens = 0
         self.n_samples = 0
 
@@ -287,8 +298,10 @@ class _Accumulator:
         self.rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] valid rows of the flattened [B*T, d] input
         self.sample = self.rows // mask.shape[1]  # [N] the sample each valid row belongs to
         self.counts = mask.sum(1).to(self.dtype)[:, None]  # [B, 1]
+        if self.pending_tokens and self.pending_tokens + len(self.rows) > _FP32_TOKENS:
+            self._flush()
+        self.pending_tokens += len(self.rows)
         self.calls = dict.fromkeys(self.groups, 0)
-        self.finite: dict[str, torch.Tensor] = {}
         self.n_tokens += len(self.rows)
         self.n_samples += mask.shape[0]
 
@@ -299,42 +312,73 @@ class _Accumulator:
             if x.shape[:-1] not in ((b, t), (b * t,)):
                 raise ValueError(f"module {group!r} reads {tuple(x.shape)}, not one vector per token "
                                  f"([{b}, {t}, d]): its token covariance is undefined; leave it out of the targets")
-            x = x.reshape(b * t, x.shape[-1]).index_select(0, self.rows).to(self.dtype)  # [N, d]
+            x = x.reshape(b * t, x.shape[-1]).index_select(0, self.rows).to(self.dtype)  # [N, d], a copy
             mean = torch.zeros(b, x.shape[1], dtype=self.dtype, device=x.device).index_add_(0, self.sample, x)
-            xc = x - (mean / self.counts)[self.sample]
-            d = x.shape[1]
-            if group not in self.sums:
-                self.sums[group] = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-            # Only the block rows' upper part, [i0:i1, i0:]: (B+1)/2B of the GEMM (5/8 with 4 blocks).
-            for i0, i1 in _blocks(d):
-                part = self.sums[group][i0:i1, i0:]
-                if self.dtype == torch.float64:
-                    part.addmm_(xc[:, i0:i1].T, xc[:, i0:])
-                else:
-                    part.add_(xc[:, i0:i1].T @ xc[:, i0:])  # float32 GEMM, float64 accumulation across batches
+            xc = x.sub_((mean / self.counts).index_select(0, self.sample))
+            self._accumulate(group, xc)
             self.calls[group] += 1
-            # Kept as a tensor and read after the forward pass: one device sync per batch, not per module.
-            finite = torch.isfinite(x).all()
-            self.finite[group] = finite & self.finite[group] if group in self.finite else finite
 
         return pre_hook
 
+    def _accumulate(self, group: str, xc: torch.Tensor) -> None:
+        """Add the lower triangle of ``xcᵀ xc`` to the group's float64 sum (its upper part is not kept)."""
+        d = xc.shape[1]
+        if group not in self.sums:
+            self.sums[group] = torch.zeros(d, d, dtype=torch.float64, device=xc.device)
+        low = self.sums[group]
+        if not _use_syrk(xc):
+            # Block rows of the lower part, [i0:i1, :i1]: (B+1)/2B of the GEMM (5/8 with 4 blocks).
+            for i0, i1 in _blocks(d):
+                if self.dtype == torch.float64:
+                    low[i0:i1, :i1].addmm_(xc[:, i0:i1].T, xc[:, :i1])
+                else:
+                    low[i0:i1, :i1].add_(xc[:, i0:i1].T @ xc[:, :i1])  # float64 accumulation across batches
+            return
+        # A C-contiguous [N, d] array is the Fortran [d, N] array xcᵀ, and the C-contiguous float64 sum the
+        # Fortran sumᵀ: SYRK's "upper triangle of a·aᵀ" in those terms is the lower triangle of xcᵀ xc.
+        a = xc.detach().numpy().T
+        if self.dtype == torch.float64:
+            dsyrk(1.0, a, beta=1.0, c=low.numpy().T, trans=0, lower=0, overwrite_c=1)  # in place
+            return
+        if group not in self.scratch:
+            self.scratch[group] = np.zeros((d, d), dtype=np.float32, order="F")
+        beta = 1.0 if group in self.pending else 0.0  # 0: overwrite what was flushed already
+        ssyrk(1.0, a, beta=beta, c=self.scratch[group], trans=0, lower=0, overwrite_c=1)  # in place
+        self.pending.add(group)
+
+    def _flush(self) -> None:
+        """Add the float32 partial sums to the float64 sums (lower triangle, in block rows)."""
+        for group in self.pending:
+            low, part = self.sums[group], torch.from_numpy(self.scratch[group]).T  # both C-contiguous
+            for i0, i1 in _blocks(low.shape[0], _ADD_BLOCKS):
+                low[i0:i1, :i1].add_(part[i0:i1, :i1])
+        self.pending.clear()
+        self.pending_tokens = 0
+
     def result(self, group: str) -> torch.Tensor:
-        """The group's full S from its upper block rows: U + Uᵀ, diagonal blocks halved (exactly symmetric)."""
-        upper = self.sums[group]
-        full = upper + upper.T
-        for i0, i1 in _blocks(upper.shape[0]):
-            full[i0:i1, i0:i1] /= 2
-        return full
+        """The group's full S from its lower triangle: L + strict(L)ᵀ (exactly symmetric)."""
+        self._flush()
+        low = self.sums[group].tril()
+        return low + low.tril(-1).T
 
     def finish(self, j: int) -> None:
         """Check the batch just run: every group saw its input, and only finite values (module order)."""
         for group, members in self.groups.items():
             if self.calls[group] == 0:
                 raise ValueError(f"module {group!r} was not called in batch {j}; it cannot be a target")
-            if not bool(self.finite[group]):
+            # A NaN/Inf input makes its column's centred values non-finite, hence S's diagonal entry, which
+            # is a sum of squares and so stays non-finite in every later batch: d values to check per batch.
+            diag = (torch.from_numpy(self.scratch[group]).diagonal() if group in self.pending
+                    else self.sums[group].diagonal())  # the scratch holds this batch when it is pending
+            if not bool(torch.isfinite(diag).all()):
                 shared = f" (shared by {', '.join(members[1:])})" if len(members) > 1 else ""
-                raise ValueError(f"non-finite (NaN/Inf) input activations at module {group!r}{shared} in batch {j}")
+                raise ValueError(f"non-finite (NaN/Inf) input activations at module {group!r}{shared} in batch {j} "
+                                 "(or values whose squares overflow)")
+
+
+def _use_syrk(xc: torch.Tensor) -> bool:
+    """Whether ``xc``'s Gram matrix is accumulated by scipy's BLAS SYRK (CPU) or torch's GEMM (elsewhere)."""
+    return xc.device.type == "cpu"
 
 
 def _blocks(d: int, n: int = _BLOCKS) -> list[tuple[int, int]]:

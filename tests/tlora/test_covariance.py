@@ -249,3 +249,47 @@ def test_block_accumulation_matches_oracle_at_any_width(precision, samples, batc
     expected = oracle(model, data, ["proj"])["proj"]
     assert torch.equal(cov.sums["proj"], cov.sums["proj"].T)
     assert rel_err(cov.sums["proj"], expected) < (1e-12 if precision == "float64" else 1e-6)
+
+
+@pytest.mark.parametrize("syrk", [True, False], ids=["scipy-syrk", "torch-gemm"])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_both_accumulation_paths_match_oracle(syrk, precision, tiny_model, samples, batches, monkeypatch):
+    """The CPU SYRK path and the block-GEMM path (what CUDA runs) against the float64 numpy oracle."""
+    monkeypatch.setattr("tlora.covariance._use_syrk", lambda xc: syrk)
+    model = tiny_model("llama", dtype=torch.float64)
+    data = samples(5, seed=3)
+    cov = collect(model, batches(data, 2), precision=precision)
+    expected = oracle(model, data, list(cov.modules))
+    for name, s in expected.items():
+        assert torch.equal(cov.matrix(name), cov.matrix(name).T), name
+        assert rel_err(cov.matrix(name), s / 5) < (1e-12 if precision == "float64" else 1e-5), name
+
+
+@pytest.mark.parametrize("cap", [1, 7, 10**9])
+def test_float32_partial_sums_flushed_at_any_token_count(cap, samples, batches, monkeypatch):
+    """Float32 SYRK partial sums spanning one batch, a few, or all of them add up to the oracle's S."""
+    monkeypatch.setattr("tlora.covariance._FP32_TOKENS", cap)
+    model = _Odd()
+    data = [{k: v.clamp(max=19) if k == "input_ids" else v for k, v in s.items()} for s in samples(7, seed=5)]
+    cov = collect_covariance(model, batches(data, 2), find_targets(model, ["proj"]), progress=False)
+    expected = oracle(model, data, ["proj"])["proj"]
+    assert torch.equal(cov.sums["proj"], cov.sums["proj"].T)
+    assert rel_err(cov.sums["proj"], expected) < 1e-6
+
+
+@pytest.mark.parametrize("syrk", [True, False], ids=["scipy-syrk", "torch-gemm"])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_in_a_later_batch_names_module_and_batch(bad, precision, syrk, monkeypatch):
+    """The check reads S's diagonal: a NaN/Inf first seen in batch 2 is reported there, by module."""
+    monkeypatch.setattr("tlora.covariance._use_syrk", lambda xc: syrk)
+    model = _Odd()
+    with torch.no_grad():
+        model.embed.weight[19, 3] = bad  # only token 19 carries it
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    good, poisoned = ids.clone(), ids.clone()
+    poisoned[1, 1] = 19
+    data = [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in (good, good, poisoned, good)]
+    with pytest.raises(ValueError, match=r"non-finite.*'proj' in batch 2"):
+        collect_covariance(model, data, find_targets(model, ["proj"]), precision=precision, progress=False)
+    assert not model.proj._forward_pre_hooks
