@@ -125,10 +125,10 @@ def macs_per_token(targets) -> dict[str, float]:
     """Multiply-adds per token: the target linears' forward, CorDA's XᵀX per module, tlora's per group."""
     mods = targets.modules.values()
     d = {g: targets.modules[g].d_in for g in targets.groups}
-    blocks = 4  # tlora.covariance._BLOCKS: (B+1)/2B of the full XᵀX
+    # On CPU tlora's XᵀX is a SYRK: one triangle, d(d+1)/2 multiply-adds per token (on CUDA 5/8 of d², block rows).
     return {"forward_linears": float(sum(t.d_in * t.d_out for t in mods)),
             "corda": float(sum(t.d_in ** 2 for t in mods)),
-            "tlora": float(sum(x ** 2 for x in d.values()) * (blocks + 1) / (2 * blocks))}
+            "tlora": float(sum(x * (x + 1) / 2 for x in d.values()))}
 
 
 def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None]
@@ -366,8 +366,8 @@ def report(out: dict, args: argparse.Namespace) -> str:
         f"{st['size_ratio']:.2f}× | ≤ 1× | {met(st['size_ratio'] <= t['store_size_ratio'])} |",
         "",
         f"- **Covariance.** tlora: `collect_covariance` at batch {args.batch_size} (padded, trimmed per batch: "
-        f"{c['padded_tokens']} token slots), one hook per shared-input group, per-sample centring, fp32 GEMM into "
-        f"float64 sums, upper block rows only; {ct['tlora']['tokens_per_s']:.0f} tokens/s. "
+        f"{c['padded_tokens']} token slots), one hook per shared-input group, per-sample centring, fp32 SYRK (one "
+        f"triangle, scipy's BLAS) into float64 sums; {ct['tlora']['tokens_per_s']:.0f} tokens/s. "
         f"Peer CorDA: PEFT {__import__('peft').__version__}'s `calib_cov_distribution` (the covariance step of "
         "`preprocess_corda`, corda_method kpm) with its own forward hooks on every target module (q, k and v each "
         "get their own matrix): per module and sample it scales the input by 1/max(input), checks it for NaN/Inf, "
@@ -395,8 +395,8 @@ def report(out: dict, args: argparse.Namespace) -> str:
     mac = {k: v / 1e6 for k, v in out["macs_per_token"].items()}
     lines.append(
         f"- **Work per token.** The target linears' forward: {mac['forward_linears']:.1f} M multiply-adds; "
-        f"CorDA's XᵀX per module: {mac['corda']:.1f} M; tlora's per shared-input group, upper block rows: "
-        f"{mac['tlora']:.1f} M (the full XᵀX would be {mac['tlora'] * 8 / 5:.1f} M). From the arithmetic alone, "
+        f"CorDA's XᵀX per module: {mac['corda']:.1f} M; tlora's per shared-input group, one triangle (SYRK): "
+        f"{mac['tlora']:.1f} M. From the arithmetic alone, "
         f"tlora's covariance costs (forward + its GEMMs)/forward ≈ "
         f"{(mac['forward_linears'] + mac['tlora']) / mac['forward_linears']:.2f}× a forward, and CorDA's "
         f"(forward + its GEMMs)/(forward + tlora's) ≈ "
