@@ -43,8 +43,10 @@ _FORWARD_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 _BLOCKS = 4  # off CPU, S is accumulated in 4 block rows, lower part only; mirrored once at the end
 _ADD_BLOCKS = 8  # on CPU, the float32 SYRK partial sum is added to the float64 sum in 8 block rows (9/16 of it)
 # On CPU, float32 partial sums span at most this many tokens (or one batch, if larger) before they are added to
-# the float64 sums: what one batch of 16 x 128 tokens sums in float32 inside its GEMM anyway.
-_FP32_TOKENS = 2048
+# the float64 sums. 0: every batch is added on its own, so sums over shards cut between batches (flows/shards.py,
+# calibration mixtures) equal one pass in float64; carrying several batches in float32 (e.g. 2048) saves ~0.3 s
+# on SmolLM2 but makes a split differ from one pass at float32 precision.
+_FP32_TOKENS = 0
 
 
 class CovarianceStats(BaseModel):
@@ -128,7 +130,7 @@ def collect_covariance(
             ``labels`` are ignored). All of them are checked before the first forward pass.
         targets: from :func:`tlora.targets.find_targets`, or a spec to pass to it.
         precision: dtype of the centred activations and their GEMM. ``float32`` partial sums span one
-            batch (on CPU: up to 2048 tokens, or one larger batch) and are accumulated into float64 sums;
+            batch and are accumulated into float64 sums (so shards cut between batches add up exactly);
             ``float64`` makes the whole sum float64.
         model_fingerprint: recorded as given; computed from the model's weights when ``None``.
         on_progress: called as ``on_progress(batches_done, n_batches)`` after each batch.
