@@ -141,11 +141,7 @@ def save(fig: Figure, folder: str | Path, name: str) -> Path:
     out = Path(folder) / PLOTS
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
-    try:
-        # metadata without the Software/date keys: the same figure gives the same bytes, hence the same digest
-        fig.savefig(path, dpi=DPI, format="png", metadata={"Software": None})
-    finally:
-        plt.close(fig)
+    path.write_bytes(png_bytes(fig))
     return path
 
 
@@ -153,6 +149,7 @@ def png_bytes(fig: Figure) -> bytes:
     """``fig`` as PNG bytes (closed afterwards), for pages that embed their images."""
     buffer = io.BytesIO()
     try:
+        # metadata without the Software/date keys: the same figure gives the same bytes, hence the same digest
         fig.savefig(buffer, dpi=DPI, format="png", metadata={"Software": None})
     finally:
         plt.close(fig)

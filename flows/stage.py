@@ -15,9 +15,7 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
@@ -27,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.lineage import Dataset, Tracker, code_version
 from flows.plots import PLOTS
-from flows.store import MANIFEST, Manifest, Store
+from flows.store import Manifest, Store
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +113,14 @@ class RunContext(BaseModel):
     def store(self, uri: str | None = None) -> Store:
         """The configured store, or the store holding the artifact at ``uri`` (``<base>/<stage>/<key>``)."""
         base = self.stages if uri is None else uri.rstrip("/").rsplit("/", 2)[0]
-        return Store(base, self.root)
+        return Store(base, self.root, stamp_margin_s=STAMP_MARGIN_S)
 
     def tracker(self) -> Tracker:
         return _tracker(self.tracking_uri, self.experiment, str(Path(self.root) / "mlflow" / "artifacts"))
 
     def open(self, result: StageResult) -> Path:
         """A verified local folder with ``result``'s artifact."""
-        store = self.store(result.uri)
-        if not store.remote and verified(self, result.stage, result.key, store) is not None:
-            return Path(store.uri(result.stage, result.key))
-        return store.path(result.stage, result.key)
+        return self.store(result.uri).path(result.stage, result.key)
 
 
 Compute = Callable[[Any, RunContext, Path], StageOutput]
@@ -152,37 +147,8 @@ def prefect_cache_key(stage: str, _task_ctx: Any, inputs: dict[str, Any]) -> str
 
 
 def verified(ctx: RunContext, stage: str, key: str, store: Store | None = None) -> Manifest | None:
-    """``store.verify``, without hashing again files unchanged since this root last verified them in full.
-
-    A local artifact that verifies gets a stamp under ``<root>/cache/verified``: the size, mtime, ctime and inode of
-    its manifest and of every file. While they all still match, the checksums are not read again (git's index and
-    DVC's state make the same trade), so a cache hit or a downstream read of a 0.5 GB model does not hash it each
-    time. Any write, truncation, replacement, deletion or extra file changes the signature and forces the full
-    check. Files changed in the last seconds before a verification (within the filesystem's clock granularity)
-    get no stamp, as git treats racily clean entries. Remote stores are always verified in full.
-    """
-    store = store or ctx.store()
-    if store.remote:
-        return store.verify(stage, key)
-    folder = Path(store.uri(stage, key))
-    where = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
-    stamp = Path(ctx.root) / "cache" / "verified" / f"{stage}-{key}-{where}.json"
-    signature = _signature(folder)
-    if signature is not None and stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == signature:
-                manifest = Manifest.model_validate_json((folder / MANIFEST).read_text())
-                if manifest.stage == stage and manifest.key == key:
-                    return manifest
-        except (OSError, ValueError):
-            pass
-    manifest = store.verify(stage, key)
-    if manifest is not None and signature is not None and _settled(signature) and signature == _signature(folder):
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(signature))
-        os.replace(tmp, stamp)
-    return manifest
+    """``Store.verify`` of the configured store (stamped: unchanged files are not hashed again)."""
+    return (store or ctx.store()).verify(stage, key)
 
 
 def run_stage(ctx: RunContext, stage: str, params: StageParams, compute: Compute) -> StageResult:
@@ -266,25 +232,6 @@ def _close_failed(tracker: Tracker, run_id: str, status: str) -> None:
         tracker.finish(run_id, status=status)
     except Exception as err:  # the next run marks it KILLED (Tracker.close_orphans)
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(err).splitlines()[0][:200])
-
-
-def _signature(folder: Path) -> list[list] | None:
-    """(relative path, size, mtime, ctime, inode) of every file under ``folder``, sorted; None if unreadable."""
-    try:
-        out = []
-        for p in sorted(folder.rglob("*")):
-            if p.is_file() or p.is_symlink():
-                st = p.stat()
-                out.append([p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
-        return out if any(entry[0] == MANIFEST for entry in out) else None
-    except OSError:
-        return None
-
-
-def _settled(signature: list[list]) -> bool:
-    """Whether every file was last changed STAMP_MARGIN_S ago (else a same-size rewrite could share its times)."""
-    newest = max(max(entry[2], entry[3]) for entry in signature)
-    return time.time_ns() - newest > STAMP_MARGIN_S * 1e9
 
 
 def _mentions(annotation: Any, cls: type) -> bool:

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -75,11 +76,12 @@ class Manifest(BaseModel):
 class Store:
     """The stage artifacts under one root folder or fsspec URI."""
 
-    def __init__(self, stages: str, local_root: str | Path) -> None:
+    def __init__(self, stages: str, local_root: str | Path, *, stamp_margin_s: float = 2.0) -> None:
         self.fs, self.base = fsspec.url_to_fs(stages)
         self.remote = "file" not in _protocols(self.fs)
         self.local_root = Path(local_root)
         self.base = self.base.rstrip("/")
+        self.stamp_margin_s = stamp_margin_s
 
     def uri(self, stage: str, key: str) -> str:
         """Where the artifact of ``stage``/``key`` lives (a path for local stores)."""
@@ -88,9 +90,39 @@ class Store:
         return self.fs.unstrip_protocol(path) if self.remote else path
 
     def verify(self, stage: str, key: str) -> Manifest | None:
-        """The artifact's manifest if the artifact is complete and every checksum matches, else None."""
-        folder = self._fetch(stage, key) if self.remote else Path(self.uri(stage, key))
-        return verify_folder(folder, stage=stage, key=key) if folder is not None else None
+        """The artifact's manifest if the artifact is complete and every checksum matches, else None.
+
+        A local artifact that verifies in full gets a stamp under ``<local_root>/cache/verified``: the size, mtime,
+        ctime and inode of its manifest and of every file. While they all still match, the checksums are not read
+        again (git's index and DVC's state make the same trade), so a cache hit or a downstream read of a 0.5 GB
+        model does not hash it each time. Any write, truncation, replacement, deletion or extra file changes the
+        signature and forces the full check. Files changed less than ``stamp_margin_s`` before a verification get
+        no stamp, as git treats racily clean entries. Remote artifacts are verified in full (in the local cache).
+        """
+        if self.remote:
+            folder = self._fetch(stage, key)
+            return verify_folder(folder, stage=stage, key=key) if folder is not None else None
+        folder = Path(self.uri(stage, key))
+        where = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+        stamp = self.local_root / "cache" / "verified" / f"{stage}-{key}-{where}.json"
+        signature = _signature(folder)
+        if signature is not None and stamp.is_file():
+            try:
+                if json.loads(stamp.read_text()) == signature:
+                    manifest = Manifest.model_validate_json((folder / MANIFEST).read_text())
+                    if manifest.stage == stage and manifest.key == key:
+                        return manifest
+            except (OSError, ValueError):
+                pass
+        manifest = verify_folder(folder, stage=stage, key=key)
+        newest = max((max(e[2], e[3]) for e in signature), default=0) if signature else 0
+        settled = time.time_ns() - newest > self.stamp_margin_s * 1e9
+        if manifest is not None and signature is not None and settled and signature == _signature(folder):
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stamp.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps(signature))
+            os.replace(tmp, stamp)
+        return manifest
 
     def path(self, stage: str, key: str) -> Path:
         """A verified local folder with the artifact's files (downloaded first from a remote store).
@@ -98,10 +130,9 @@ class Store:
         Raises:
             FileNotFoundError: the artifact is missing or does not verify.
         """
-        folder = self._fetch(stage, key) if self.remote else Path(self.uri(stage, key))
-        if folder is None or verify_folder(folder, stage=stage, key=key) is None:
+        if self.verify(stage, key) is None:
             raise FileNotFoundError(f"no verified {stage} artifact {key} in {self.uri(stage, key)}")
-        return folder
+        return self.local_root / "cache" / "stages" / stage / key if self.remote else Path(self.uri(stage, key))
 
     @contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
@@ -251,6 +282,19 @@ def _walk(folder: Path) -> Iterator[tuple[str, Path]]:
             rel = p.relative_to(folder).as_posix()
             if rel != MANIFEST:
                 yield rel, p
+
+
+def _signature(folder: Path) -> list[list] | None:
+    """(relative path, size, mtime, ctime, inode) of every file under ``folder``, sorted; None if unreadable."""
+    try:
+        out = []
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() or p.is_symlink():
+                st = p.stat()
+                out.append([p.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+        return out if any(entry[0] == MANIFEST for entry in out) else None
+    except OSError:
+        return None
 
 
 def _sha256(path: Path) -> str:

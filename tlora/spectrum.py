@@ -158,7 +158,6 @@ def save_spectrum(path: str | Path, spectrum: Spectrum, *, compressors: Any = "d
                 write_matrix(node, key, t, compressors=compressors)
         root.attrs.update({"modules": list(spectrum.vectors), "r_max": spectrum.r_max, "solver": spectrum.solver,
                            "model_fingerprint": spectrum.model_fingerprint})
-    root.attrs["complete"] = True
 
 
 def load_spectrum(path: str | Path) -> Spectrum:
@@ -200,9 +199,7 @@ def _gram(m: torch.Tensor, r: int, *, certify: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Eigen-solve the smaller Gram matrix; also return all its σ (descending) for the error bound, and,
     with ``certify``, whether the eigenvectors' residuals pass :func:`_ritz_converged` for every prefix."""
-    d_out, d_in = m.shape
-    right = d_in <= d_out
-    gram = m.T @ m if right else m @ m.T
+    gram, right = _smaller_gram(m)
     lam, q = torch.linalg.eigh(gram)  # ascending
     lam, q = lam.flip(0), q.flip(1)
     x = q[:, :r]  # right singular vectors (MᵀM) or left ones (MMᵀ)
@@ -220,6 +217,12 @@ def _gram(m: torch.Tensor, r: int, *, certify: bool = False
     return v.T, torch.linalg.vector_norm(m @ v, dim=0), sigma, certified
 
 
+def _smaller_gram(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The smaller Gram matrix of ``m`` and whether it is MᵀM (right singular vectors) rather than MMᵀ."""
+    right = m.shape[1] <= m.shape[0]
+    return (m.T @ m if right else m @ m.T), right
+
+
 def _block(r: int) -> int:
     """Block size of the subspace iteration: twice the wanted rank (oversampling r, at least 8)."""
     return r + max(r, 8)
@@ -232,9 +235,7 @@ def _randomized(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | 
     the Ritz pairs (θ, X = Q·W) of G in span(Q) and their residuals R = Y·W − X·diag(θ), and stops when
     :func:`_ritz_converged` accepts every prefix; else Q ← orth(Y).
     """
-    d_out, d_in = m.shape
-    right = d_in <= d_out  # iterate on right singular vectors (G = MᵀM) or left ones (G = MMᵀ)
-    gram = m.T @ m if right else m @ m.T  # [n, n]
+    gram, right = _smaller_gram(m)
     n, l = gram.shape[0], min(_block(r), gram.shape[0])
     start = torch.randn(n, l, dtype=m.dtype, device=m.device,
                         generator=torch.Generator(device=m.device).manual_seed(0))
