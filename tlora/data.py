@@ -215,7 +215,8 @@ def fitting_rows(split: Dataset, tokenizer: PreTrainedTokenizerBase, max_length:
     Raises:
         ValueError: no row fits.
     """
-    lengths = [len(ids) for ids in tokenizer(split["prompt"][:])["input_ids"]]
+    prefix = len(_special_prefix(tokenizer))  # counted as tokenize_examples lays the prompt out
+    lengths = [prefix + len(ids) for ids in tokenizer(split["prompt"][:], add_special_tokens=False)["input_ids"]]
     rows = [i for i, n in enumerate(lengths) if n < max_length]
     if not rows:
         raise ValueError(f"no example's prompt fits in max_length={max_length} tokens; raise max_length")
