@@ -358,10 +358,18 @@ class _Accumulator:
         self.pending_tokens = 0
 
     def result(self, group: str) -> torch.Tensor:
-        """The group's full S from its lower triangle: L + strict(L)ᵀ (exactly symmetric)."""
+        """The group's full S, its upper triangle mirrored from the lower one in place (exactly symmetric).
+
+        By block rows: each block's upper-right rectangle is a transposed copy of the lower part below it,
+        the diagonal block mirrors itself; one pass over half the matrix (``tril`` and a sum took four).
+        """
         self._flush()
-        low = self.sums[group].tril()
-        return low + low.tril(-1).T
+        s = self.sums[group]
+        for i0, i1 in _blocks(s.shape[0], _ADD_BLOCKS):
+            s[i0:i1, i1:] = s[i1:, i0:i1].T
+            diag = s[i0:i1, i0:i1]
+            diag.copy_(diag.tril() + diag.tril(-1).T)
+        return s
 
     def finish(self, j: int) -> None:
         """Check the batch just run: every group saw its input, and only finite values (module order)."""
