@@ -94,8 +94,6 @@ def predict_llama(fits: dict, results: list[dict], name: str = "7B", n: int = CA
     return out
 
 
-
-
 def capacity(raw: dict, name: str, gpu_gib: float = 80.0) -> dict:
     """Per-GPU memory and time of each stage for ``name`` (A100-80GB, bf16 weights), and the shards it needs.
 

@@ -39,7 +39,6 @@ HEADING = "## Scaling: growth laws"
 TAIL = 3  # the largest points of each factor, fitted again for extrapolation
 
 
-
 # ---------------------------------------------------------------- the sweep, fits, plots, report
 
 def run_points(grid: dict, repeats: int, threads: int, with_smollm2: bool) -> list[dict]:
