@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -48,3 +49,15 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def publish(heading: str, text: str, *, quick: bool = False, raw: dict | None = None, raw_path: Path | None = None,
+            indent: int = 1) -> None:
+    """Print a script's section; unless ``quick``, save ``raw`` to ``raw_path`` and replace its RESULTS.md section."""
+    print(text)
+    if quick:
+        return
+    if raw_path is not None:
+        raw_path.parent.mkdir(parents=True, exist_ok=True)
+        raw_path.write_text(json.dumps(raw, indent=indent))
+    update_section(heading, text)

@@ -19,14 +19,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _perf_pipeline_child import child
+from _prefect_server import start_prefect_server, stop
+from _results import machine_line, publish, update_section
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -59,8 +62,6 @@ def main() -> None:
     if args.child:
         return child(json.loads(Path(args.child).read_text()))
     if args.report:
-        from _results import update_section
-
         return update_section(HEADING, section(json.loads(RAW.read_text())))
     work = Path(tempfile.mkdtemp(prefix="tlora-perf-pipeline-"))
     env = child_env(work, args.threads)
@@ -115,8 +116,6 @@ def measure(args, work: Path, env: dict[str, str]) -> dict:
 
 def demo_share(args, work: Path, env: dict[str, str]) -> None:
     """The demo as `make demo` runs it (fresh root, task rows mined outside the timing): flow − its computes."""
-    from _results import machine_line, update_section
-
     config = demo_config(args.threads, overrides=[])
     seed = work / "seed"
     invoke(work, env, "mine", {"mode": "mine", "config": with_root(config, seed, None)})
@@ -197,17 +196,8 @@ def analyse(config: dict, budgets: list[str], runs: list[dict], direct: list[dic
 
 def write(report: dict, *, quick: bool) -> None:
     """RESULTS.md's section and the raw JSON (a --quick run prints the section and writes nothing)."""
-    from _results import machine_line, update_section
-
     report["machine"] = machine_line()
-    text = section(report)
-    if quick:
-        print(text)
-        return
-    RAW.parent.mkdir(parents=True, exist_ok=True)
-    RAW.write_text(json.dumps(report, indent=2))
-    update_section(HEADING, text)
-    print(text)
+    publish(HEADING, section(report), quick=quick, raw=report, raw_path=RAW, indent=2)
 
 
 def section(r: dict) -> str:
@@ -289,122 +279,7 @@ def invoke(work: Path, env: dict[str, str], name: str, spec: dict) -> dict:
     return {**json.loads(out_path.read_text()), "process_s": wall}
 
 
-def child(spec: dict) -> None:
-    """In a child process: ``tlora run``/``tlora sweep`` through the CLI, or the compute functions directly."""
-    start = time.perf_counter()
-    sys.path.insert(0, str(REPO))
-    import logging
-
-    calls: list[dict] = []
-
-    class Calls(logging.Handler):
-        """The per-stage records of ``flows.stage.call``: stage, status, exact seconds, artifact URI."""
-
-        def emit(self, record: logging.LogRecord) -> None:
-            if isinstance(record.args, tuple) and len(record.args) == 4:
-                stage, status, seconds, uri = record.args
-                calls.append({"stage": stage, "status": status, "seconds": float(seconds), "uri": str(uri)})
-
-    stage_log = logging.getLogger("flows.stage")
-    stage_log.addHandler(Calls())
-    stage_log.setLevel(logging.INFO)
-    if spec["mode"] == "mine":
-        from flows.config import validate_config
-        from flows.prepare import task_splits
-
-        cfg = validate_config(spec["config"])
-        task_splits(cfg.task, cfg.store.root)
-        out = {}
-    elif spec["mode"] == "direct":
-        out = direct(spec)
-    else:
-        cfg_path = Path(spec["out"]).with_suffix(".yaml")
-        import yaml
-
-        cfg_path.write_text(yaml.safe_dump(spec["config"]))
-        import flows.stage
-        from flows.cli import app
-
-        computes: list[float] = []
-        original = flows.stage.run_stage
-
-        def timed_run_stage(ctx, stage, params, compute):
-            """The task body as is, its compute function timed (the stage task looks run_stage up per call)."""
-            def timed(p, c, out):
-                t0 = time.perf_counter()
-                try:
-                    return compute(p, c, out)
-                finally:
-                    computes.append(time.perf_counter() - t0)
-            return original(ctx, stage, params, timed)
-
-        flows.stage.run_stage = timed_run_stage
-        argv = [spec["mode"], str(cfg_path), "--no-progress"]
-        argv += [a for b in spec.get("budgets", []) for a in ("--budget", b)]
-        flow_start = time.perf_counter()
-        app(argv, standalone_mode=False)
-        computed = [c for c in calls if c["status"] == "computed"]
-        if len(computed) != len(computes):
-            raise RuntimeError(f"{len(computed)} computed stage calls but {len(computes)} compute calls timed")
-        for c, seconds in zip(computed, computes, strict=True):
-            c["compute_s"] = seconds
-        out = {"flow_s": time.perf_counter() - flow_start, "import_s": flow_start - start, "calls": calls}
-    Path(spec["out"]).write_text(json.dumps(out))
-
-
-def direct(spec: dict) -> dict:
-    """The compute functions in pipeline order, each on the same input artifacts as the pipeline run's stage."""
-    import torch
-
-    from flows import adapt, prepare
-    from flows.config import validate_config
-    from flows.stage import RunContext, StageResult
-
-    cfg = validate_config(spec["config"])
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    res = {c["stage"]: StageResult(stage=c["stage"], key=c["uri"].rstrip("/").rsplit("/", 1)[1], uri=c["uri"],
-                                   run_id=None, parent_run_id=None) for c in spec["calls"]}
-    scratch = Path(spec["scratch"])
-    root = Path(cfg.store.root).resolve()
-    ctx = RunContext(stages=str(root / "stages"), root=str(scratch), tracking_uri=f"sqlite:///{scratch}/unused.db",
-                     experiment="unused", device="cpu" if cfg.device == "auto" else cfg.device)
-    source = cfg.calibration_sources[0]
-    steps = [
-        ("model", prepare.compute_model, lambda: prepare.ModelParams.of(cfg)),
-        ("calibration", prepare.compute_calibration, lambda: prepare.CalibrationParams.of(cfg, source, res["model"])),
-        ("covariance", prepare.compute_covariance,
-         lambda: prepare.CovarianceParams.of(cfg, res["model"], res["calibration"])),
-        ("spectrum", prepare.compute_spectrum_stage,
-         lambda: prepare.SpectrumParams.of(cfg, res["model"], res["covariance"])),
-        ("sensitivity", prepare.compute_sensitivity,
-         lambda: prepare.SensitivityParams.of(cfg, res["model"], res["calibration"])),
-        ("allocation", adapt.compute_allocation,
-         lambda: adapt.AllocationParams.of(cfg, res["model"], res["sensitivity"])),
-        ("init", adapt.compute_init, lambda: adapt.InitParams.of(cfg, res["model"], res["allocation"],
-                                                                  res["spectrum"])),
-        ("train", adapt.compute_train, lambda: adapt.TrainParams.of(cfg, res["model"], res["init"])),
-        ("evaluate", adapt.compute_evaluate, lambda: adapt.EvaluateParams.of(cfg, res["model"], res["train"])),
-        ("merge", adapt.compute_merge, lambda: adapt.MergeParams.of(cfg, res["model"], res["train"])),
-    ]
-    compute_s, verify_s = {}, {}
-    for stage, compute, params_of in steps:
-        if stage not in res:
-            continue
-        params = params_of()
-        if params.key(stage) != res[stage].key:
-            raise RuntimeError(f"{stage}: direct params give key {params.key(stage)}, the run had {res[stage].key}")
-        out = scratch / "out" / stage
-        out.mkdir(parents=True)
-        t0 = time.perf_counter()
-        compute(params, ctx, out)
-        compute_s[stage] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ctx.open(res[stage])  # what checking one artifact's checksums costs (each downstream open pays it)
-        verify_s[stage] = time.perf_counter() - t0
-    return {"compute_s": compute_s, "verify_s": verify_s}
-
-
-# --- configs, server, MLflow ---------------------------------------------------------------------------------
+# --- configs and MLflow ------------------------------------------------------------------------------------
 
 def demo_config(threads: int, overrides: list[str] | None = None) -> dict:
     """configs/demo.yaml with the FULL_SET overrides (or ``overrides``), as a dict."""
@@ -466,42 +341,6 @@ def child_env(work: Path, threads: int) -> dict[str, str]:
     return env
 
 
-def start_prefect_server(home: Path, env: dict[str, str], timeout: float = 180) -> dict:
-    """``prefect server start`` on a free 127.0.0.1 port in its own PREFECT_HOME; waits for /api/health."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home.mkdir(parents=True)
-    prefect = Path(sys.executable).parent / "prefect"
-    start = time.perf_counter()
-    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env={**env, "PREFECT_HOME": str(home)}, stdout=(home / "server.log").open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    while time.perf_counter() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return {"proc": proc, "url": url, "start_s": time.perf_counter() - start}
-        except OSError:
-            time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError(f"prefect server did not answer within {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the server we started (its own process group, by its pid)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-
-
 def mlflow_stage_runs(root: Path) -> dict[str, list[float]]:
     """Seconds from start to end of each computing stage's MLflow child run, by stage."""
     from mlflow import MlflowClient
@@ -517,5 +356,4 @@ def mlflow_stage_runs(root: Path) -> dict[str, list[float]]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     main()

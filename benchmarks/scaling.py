@@ -8,7 +8,7 @@ memory goes back to the OS; before each stage the script trims the heap, resets 
 (``/proc/self/clear_refs`` = 5) and afterwards reads ``VmHWM``: memory is the *measured peak RSS growth*
 during the stage. Times are medians of ``--repeats`` runs. Power laws ``y = a·x^b`` are fitted by least
 squares in log-log space per stage and factor; the laws plus analytic FLOP counts predict LLaMA-2 costs
-(see ``predict_llama`` and deploy/SCALING.md).
+(see ``_scaling_llama.py`` and deploy/SCALING.md). One point is measured by ``_scaling_point.py``.
 
     python benchmarks/scaling.py            # full run (~6 CPU-min of stages on 1 thread; 27 min wall on a busy host)
     python benchmarks/scaling.py --quick    # smoke run (~2 min; small points, 1 repeat)
@@ -18,164 +18,25 @@ squares in log-log space per stage and factor; the laws plus analytic FLOP count
 from __future__ import annotations
 
 import argparse
-import copy
-import ctypes
-import gc
 import json
 import math
 import os
-import re
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine_line, publish
+from _scaling_llama import GPU, LLAMA2, capacity, predict_llama
+from _scaling_point import BASE, FACTORS, R_MAX, RANK, ROOT, STAGES, TRAIN_BATCH, VOCAB, measure_point
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 RAW = HERE / "results" / "scaling.json"
-SMOLLM2 = ROOT / "artifacts" / "models" / "SmolLM2-135M-Instruct"
-STAGES = ("covariance", "spectrum", "sensitivity", "init", "train_step")
-FACTORS = {"width": "d", "seq": "T", "samples": "n"}
-BASE = {"d": 256, "T": 128, "n": 8, "layers": 2}
 FULL = {"width": [128, 256, 384, 512, 768, 1024], "seq": [64, 128, 256, 512], "samples": [4, 8, 16, 32]}
 QUICK = {"width": [64, 128, 256], "seq": [32, 64, 128], "samples": [2, 4, 8]}
-VOCAB = 2048
-R_MAX, RANK, ALPHA, TRAIN_BATCH = 32, 8, 16.0, 4
 HEADING = "## Scaling: growth laws"
 TAIL = 3  # the largest points of each factor, fitted again for extrapolation
-
-
-# ---------------------------------------------------------------- one point (runs in a subprocess)
-
-def measure_point(point: dict, repeats: int) -> dict:
-    """Build the point's model and samples, run every stage ``repeats`` times; times, peaks and analytics."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from tlora import allocate, collect_covariance, compute_spectrum, find_targets, init_adapters, score_sensitivity
-    from tlora.covariance import save_covariance
-
-    torch.manual_seed(0)
-    if point["model"] == "smollm2":
-        model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32)
-    else:
-        d = point["d"]
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=d, intermediate_size=_intermediate(d),
-                          num_hidden_layers=point["layers"], num_attention_heads=max(1, d // 64),
-                          num_key_value_heads=max(1, d // 64), head_dim=min(64, d),
-                          max_position_embeddings=max(1024, point["T"]), tie_word_embeddings=True)
-        model = LlamaForCausalLM(cfg)
-    model.eval()
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (point["n"], point["T"]), generator=g)
-    labels = ids.clone()
-    labels[:, : point["T"] // 3] = -100  # the first third is "prompt", as in the calibration data
-    mask = torch.ones_like(ids)
-    cov_batches = [{"input_ids": ids[i:i + 4], "attention_mask": mask[i:i + 4]} for i in range(0, len(ids), 4)]
-    sens_batches = [{"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1], "labels": labels[i:i + 1]}
-                    for i in range(len(ids))]
-    targets = find_targets(model, "all-linear")
-    shapes = {n: (t.d_out, t.d_in) for n, t in targets.modules.items()}
-    state: dict = {}
-
-    def covariance():
-        state["cov"] = collect_covariance(model, cov_batches, targets, progress=False)
-
-    def spectrum():
-        state["spec"] = compute_spectrum(model, state["cov"], R_MAX)
-
-    def sensitivity():
-        state["scores"] = score_sensitivity(model, sens_batches, targets, progress=False).scores
-
-    def init():
-        alloc = allocate(state["scores"], r=RANK, alpha=ALPHA, shapes=shapes)
-        state["peft"] = init_adapters(state["fresh"], state["spec"], alloc)
-
-    def train_step():
-        peft = state["peft"]
-        if "opt" not in state:
-            state["opt"] = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
-        b = min(TRAIN_BATCH, point["n"])
-        peft(input_ids=ids[:b], attention_mask=mask[:b], labels=labels[:b]).loss.backward()
-        state["opt"].step()
-        state["opt"].zero_grad(set_to_none=True)
-
-    out: dict = {"point": point, "time_s": {}, "times_s": {}, "wall_s": {}, "peak_mb": {}}
-    for name, fn in (("covariance", covariance), ("spectrum", spectrum), ("sensitivity", sensitivity),
-                     ("init", init), ("train_step", train_step)):
-        times, walls, peaks = [], [], []
-        for k in range(repeats):
-            if name == "init":
-                state.pop("peft", None)
-                state["fresh"] = copy.deepcopy(model)  # PEFT wraps in place: a fresh copy per repeat, untimed
-            if name == "train_step" and k == 0:
-                state["peft"].train()
-            cpu, wall, peak = _timed_peak(fn)
-            times.append(cpu)
-            walls.append(wall)
-            peaks.append(peak)
-        out["time_s"][name] = statistics.median(times)
-        out["times_s"][name] = times
-        out["wall_s"][name] = statistics.median(walls)
-        out["peak_mb"][name] = max(peaks)  # the first (cold) run usually holds the most
-    out["solvers"] = {s: sum(v == s for v in state["spec"].solver.values()) for s in ("gram", "exact")}
-    out["analytic"] = _analytic(model.config, targets, point)
-    if point["model"] == "smollm2":
-        with tempfile.TemporaryDirectory() as tmp:
-            for label, comp in (("zstd", "auto"), ("raw", None)):
-                save_covariance(Path(tmp) / label, state["cov"], compressors=comp)
-                out["analytic"][f"cov_store_{label}_mb"] = _du(Path(tmp) / label) / 2**20
-    return out
-
-
-def _intermediate(d: int) -> int:
-    """LLaMA's 8/3·d rounded up to a multiple of 64 (SmolLM2: 576 -> 1536)."""
-    return int(math.ceil(8 * d / 3 / 64) * 64)
-
-
-def _timed_peak(fn) -> tuple[float, float, float]:
-    """CPU and wall seconds of ``fn()``, and the growth of peak RSS over the RSS just before it (MiB)."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    rss0 = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    c, t = time.process_time() - c0, time.perf_counter() - t0
-    return c, t, (_status("VmHWM") - rss0) / 1024
-
-
-def _status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))  # KiB
-
-
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _analytic(cfg, targets, point: dict) -> dict:
-    """FLOPs and bytes the stages must spend at this point, from shapes alone."""
-    tokens = point["n"] * point["T"]
-    group_d = [targets.modules[g].d_in for g in targets.groups]
-    linear = sum(t.d_in * t.d_out for t in targets.modules.values())
-    attn = 4 * cfg.num_hidden_layers * point["T"] * cfg.num_attention_heads * cfg.head_dim  # per token, QKᵀ + PV
-    head = cfg.hidden_size * cfg.vocab_size
-    return {
-        "tokens": tokens,
-        "linear_params": linear,
-        "cov_gemm_flops": sum(2 * tokens * d * d for d in group_d),
-        "forward_flops": tokens * (2 * linear + attn),  # logits_to_keep=1: the head costs nothing here
-        "spectrum_flops": sum(2 * t.d_out * t.d_in ** 2 + 2 * max(t.d_in, t.d_out) * min(t.d_in, t.d_out) ** 2
-                              + 9 * min(t.d_in, t.d_out) ** 3 for t in targets.modules.values()),
-        "sensitivity_flops": 3 * tokens * (2 * linear + attn + 2 * head),
-        "train_flops": 3 * min(TRAIN_BATCH, point["n"]) * point["T"] * (2 * linear + attn + 2 * head),
-        "cov_bytes": sum(8 * d * d for d in group_d),
-        "n_modules": len(targets.modules),
-        "n_groups": len(group_d),
-    }
 
 
 # ---------------------------------------------------------------- the sweep, fits, plots, report
@@ -268,136 +129,6 @@ def plot(results: list[dict], fits: dict, suffix: str = "") -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-
-# ---------------------------------------------------------------- predictions for LLaMA-2 shapes
-
-LLAMA2 = {  # d, intermediate, layers, heads, kv heads, head_dim, vocab (HF configs of meta-llama/Llama-2-*-hf)
-    "7B": (4096, 11008, 32, 32, 32, 128, 32000),
-    "13B": (5120, 13824, 40, 40, 40, 128, 32000),
-    "70B": (8192, 28672, 80, 64, 8, 128, 32000),
-}
-CALIB = {"n": 256, "T": 2048}  # the paper's 256 samples; 2048 tokens each is the worst case (LLaMA-2 context)
-GPU = {  # achieved (not peak) throughput assumed for one A100-80GB, in FLOP/s; each is uncertain to about 2x
-    "bf16_gemm": 120e12,  # ~40% of 312 TFLOP/s dense bf16 for batch-1 x 2048-token forward/backward
-    "fp32_gemm": 14e12,  # ~70% of 19.5 TFLOP/s fp32 (TF32 off: torch's default for matmul)
-    "fp64_gemm": 12e12,  # ~60% of 19.5 TFLOP/s fp64 tensor cores (W0·C and the Gram matrix)
-    "fp64_eigh": 1e12,  # cuSOLVER syevd on 4096²-8192²: half of it is memory-bound tridiagonalisation
-}
-
-
-def llama_shapes(name: str) -> dict:
-    """Per-layer target modules ``(d_out, d_in)`` and shared-input groups' d_in of a LLaMA-2 model."""
-    d, f, layers, heads, kv, hd, vocab = LLAMA2[name]
-    modules = {"q": (heads * hd, d), "k": (kv * hd, d), "v": (kv * hd, d), "o": (d, heads * hd),
-               "gate": (f, d), "up": (f, d), "down": (d, f)}
-    return {"d": d, "f": f, "layers": layers, "vocab": vocab, "heads_dim": heads * hd, "modules": modules,
-            "groups": [d, heads * hd, d, f]}  # q/k/v, o, gate/up, down
-
-
-def analytic_llama(name: str, n: int, seq: int) -> dict:
-    """FLOPs and bytes of each stage for ``name`` on n samples of ``seq`` tokens, from shapes alone."""
-    s = llama_shapes(name)
-    tokens, layers = n * seq, s["layers"]
-    linear = layers * sum(o * i for o, i in s["modules"].values())
-    attn = 4 * layers * seq * s["heads_dim"]
-    mods = [m for m in s["modules"].values()] * layers
-    return {
-        "forward_flops": tokens * (2 * linear + attn),
-        "cov_gemm_flops": layers * sum(2 * tokens * g * g for g in s["groups"]),
-        "spectrum_gemm_flops": sum(2 * o * i * i + 2 * max(o, i) * min(o, i) ** 2 for o, i in mods),
-        "spectrum_eigh_flops": sum(9 * min(o, i) ** 3 for o, i in mods),
-        "sensitivity_flops": 3 * tokens * (2 * linear + attn + 2 * s["d"] * s["vocab"]),
-        "cov_bytes": layers * sum(8 * g * g for g in s["groups"]),
-        "cov_bytes_per_layer": sum(8 * g * g for g in s["groups"]),
-        "weights_bf16": 2 * (linear + 2 * s["d"] * s["vocab"]),
-        "n_modules": len(mods), "linear_params": linear,
-        # one module at a time: W0 and C and M in fp64, the Gram and eigh's workspace (~2 min²)
-        "spectrum_peak_bytes": max(8 * (o * i + i * i + o * i + 3 * min(o, i) ** 2) for o, i in mods),
-    }
-
-
-def predict_llama(fits: dict, results: list[dict], name: str = "7B", n: int = CALIB["n"], seq: int = CALIB["T"]
-                  ) -> dict:
-    """Two predictions per stage: the measured CPU laws extrapolated, and analytic FLOPs / assumed GPU rates.
-
-    Law route: ``t_cpu = a·d^b`` (width law of the largest points, 2 layers) × layers/2 × (T/128)^b_T ×
-    (n/8)^b_n, without the T and n factors where a stage does not read them (spectrum reads neither, a train
-    step of ``TRAIN_BATCH`` samples not n); then converted to GPU by the ratio of the assumed GPU rate to the
-    CPU rate achieved at the widest measured point. The train step is per step, the other stages in total.
-    """
-    s, a = llama_shapes(name), analytic_llama(name, n, seq)
-    widest = max((r for r in results if r["point"]["factor"] == "width"), key=lambda r: r["point"]["d"])
-    wa = widest["analytic"]
-    reads_tokens = {"covariance": True, "spectrum": False, "sensitivity": True, "train_step": True}
-    reads_samples = {"covariance": True, "spectrum": False, "sensitivity": True, "train_step": False}
-    step = 3 * TRAIN_BATCH * seq * (2 * a["linear_params"] + 4 * s["layers"] * seq * s["heads_dim"]
-                                    + 2 * s["d"] * s["vocab"])
-    work = {  # (analytic FLOPs at the target, FLOPs at the widest measured point, assumed GPU rate)
-        "covariance": (a["forward_flops"] + a["cov_gemm_flops"], wa["forward_flops"] + wa["cov_gemm_flops"],
-                       (a["forward_flops"] + a["cov_gemm_flops"])
-                       / (a["forward_flops"] / GPU["bf16_gemm"] + a["cov_gemm_flops"] / GPU["fp32_gemm"])),
-        "spectrum": (a["spectrum_gemm_flops"] + a["spectrum_eigh_flops"], wa["spectrum_flops"],
-                     (a["spectrum_gemm_flops"] + a["spectrum_eigh_flops"])
-                     / (a["spectrum_gemm_flops"] / GPU["fp64_gemm"] + a["spectrum_eigh_flops"] / GPU["fp64_eigh"])),
-        "sensitivity": (a["sensitivity_flops"], wa["sensitivity_flops"], GPU["bf16_gemm"]),
-        "train_step": (step, wa["train_flops"], GPU["bf16_gemm"]),
-    }
-    out = {"model": name, "n": n, "T": seq, "analytic": a, "stages": {}}
-    for stage, (flops, flops_cpu_point, gpu_rate) in work.items():
-        law = fits["width"][stage]["time_tail"]
-        t_cpu = law["a"] * s["d"] ** law["b"] * s["layers"] / BASE["layers"]
-        if reads_tokens[stage]:
-            t_cpu *= (seq / BASE["T"]) ** fits["seq"][stage]["time_tail"]["b"]
-        if reads_samples[stage]:
-            t_cpu *= (n / BASE["n"]) ** fits["samples"][stage]["time_tail"]["b"]
-        cpu_rate = flops_cpu_point / widest["time_s"][stage]
-        out["stages"][stage] = {"cpu_law_s": t_cpu, "cpu_rate": cpu_rate, "gpu_rate": gpu_rate,
-                                "gpu_from_law_s": t_cpu * cpu_rate / gpu_rate, "gpu_analytic_s": flops / gpu_rate,
-                                "flops": flops}
-    return out
-
-
-
-
-def capacity(raw: dict, name: str, gpu_gib: float = 80.0) -> dict:
-    """Per-GPU memory and time of each stage for ``name`` (A100-80GB, bf16 weights), and the shards it needs.
-
-    Activation memory per (layer · token · d) comes from the measured SmolLM2 peaks (fp32, halved for bf16);
-    the covariance store's Zstd ratio from SmolLM2's store; times from ``predict_llama``'s analytic route.
-    """
-    s, p = llama_shapes(name), raw["predict"][name]
-    a, gib = p["analytic"], 2 ** 30
-    anchor = next(r for r in raw["results"] if r["point"]["model"] == "smollm2")
-    per_unit = {  # bytes per (layer · token · d): sensitivity runs one sample, a train step TRAIN_BATCH
-        "sensitivity": anchor["peak_mb"]["sensitivity"] * 2 ** 20 / (30 * BASE["T"] * 576),
-        "train_step": anchor["peak_mb"]["train_step"] * 2 ** 20 / (30 * TRAIN_BATCH * BASE["T"] * 576),
-    }
-    zstd = anchor["analytic"]["cov_store_zstd_mb"] * 2 ** 20 / anchor["analytic"]["cov_bytes"]
-    usable = gpu_gib - 6  # CUDA context, allocator slack and fragmentation
-    gpus_for_weights = math.ceil(a["weights_bf16"] / gib / (usable * 0.85))
-    worker_gpus = 1 if gpus_for_weights == 1 else 2 ** math.ceil(math.log2(gpus_for_weights + 1))
-    room = worker_gpus * usable - a["weights_bf16"] / gib
-    layers_per_shard = max(1, min(s["layers"], int(room * 0.8 // (a["cov_bytes_per_layer"] / gib))))
-    layer_shards = math.ceil(s["layers"] / layers_per_shard)
-    st = p["stages"]
-    tokens_act = CALIB["T"] * s["layers"] * s["d"]
-    return {
-        "weights_bf16_gib": a["weights_bf16"] / gib,
-        "cov_raw_gib": a["cov_bytes"] / gib, "cov_zstd_gib": a["cov_bytes"] * zstd / gib, "zstd_ratio": zstd,
-        "cov_per_layer_gib": a["cov_bytes_per_layer"] / gib, "worker_gpus": worker_gpus,
-        "layers_per_shard": layers_per_shard, "layer_shards": layer_shards,
-        "cov_mem_gib": a["weights_bf16"] / gib + layers_per_shard * a["cov_bytes_per_layer"] / gib,
-        "cov_gpu_s": st["covariance"]["gpu_analytic_s"]
-        + (layer_shards - 1) * a["forward_flops"] / GPU["bf16_gemm"],  # each layer shard reruns the forward
-        "spectrum_mem_gib": a["weights_bf16"] / gib + a["spectrum_peak_bytes"] / gib,
-        "spectrum_gpu_s": st["spectrum"]["gpu_analytic_s"],
-        "sens_act_gib": per_unit["sensitivity"] / 2 * tokens_act / gib,
-        "sens_gpu_s": st["sensitivity"]["gpu_analytic_s"],
-        "train_act_gib_per_sample": per_unit["train_step"] / 2 * tokens_act / gib,
-        "train_step_gpu_s": st["train_step"]["gpu_analytic_s"],
-    }
 
 
 # ---------------------------------------------------------------- report
@@ -516,8 +247,6 @@ def main() -> None:
         for point in json.loads(args.points):
             print(json.dumps(measure_point(point, repeats)), flush=True)
         return
-    sys.path.insert(0, str(HERE))
-    from _results import machine_line, update_section
 
     raw_path = RAW.with_name("scaling_quick.json") if args.quick else RAW
     if args.report:
@@ -539,10 +268,7 @@ def main() -> None:
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     raw_path.write_text(json.dumps(raw, indent=1))
     plot(raw["results"], raw["fits"], "_quick" if args.quick else "")
-    text = report(raw)
-    print(text)
-    if not args.quick:
-        update_section(HEADING, text)
+    publish(HEADING, report(raw), quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def compute_train(p: TrainParams, ctx: RunContext, out: Path) -> StageOutput:
     save_adapters(adapted, out, read_adapter_info(init_dir))
     last = get_last_checkpoint(str(work))
     shutil.copyfile(Path(last) / "trainer_state.json", out / "trainer_state.json")
-    plots.save(plots.loss_figure(json.loads((out / "trainer_state.json").read_text())["log_history"]), out, "loss")
+    plots.save(plots.loss_figure(result.log_history), out, "loss")  # what trainer_state.json holds
     shutil.move(work, out / "checkpoints")
     (out / "train_result.json").write_text(result.model_dump_json(indent=2))
     dataset = Dataset(name=f"{p.task.name}-train", context="train", source=json.dumps(p.task_id, sort_keys=True),

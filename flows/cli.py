@@ -115,12 +115,7 @@ def lineage(
             run_ids = [target] if "tlora.stage" in run.data.tags else leaves(client, target)
         trees = [walk(client, run_id) for run_id in run_ids]
     except Exception as err:
-        from flows.failures import explain
-
-        failure = explain(err, tracking_uri=client.tracking_uri)
-        if failure is None:
-            raise
-        _fail(failure.message, failure.exit_code)
+        _explain_or_raise(err, tracking_uri=client.tracking_uri)
     for found in trees:
         nodes = {n.run_id: n for n in found}
         console.print(_tree(nodes, next(iter(nodes)), set()))
@@ -186,14 +181,10 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _guarded(cfg: PipelineConfig, flow: Callable[[], T]) -> T:
-    """Run ``flow`` after :func:`flows.failures.preflight`; a failure of the machine around it exits with one line.
-
-    A Prefect API that went away leaves Prefect's event and log workers retrying it for minutes at exit, so
-    that case leaves at once (``os._exit``) once the line is printed: every artifact is already published.
-    """
+    """Run ``flow`` after :func:`flows.failures.preflight`; a failure of the machine around it exits with one line."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.failures import explain, preflight, quiet_prefect
+    from flows.failures import preflight, quiet_prefect
     from flows.lineage import tracking_uri
 
     root, api = Path(cfg.store.root).resolve(), PREFECT_API_URL.value()
@@ -204,15 +195,27 @@ def _guarded(cfg: PipelineConfig, flow: Callable[[], T]) -> T:
         with quiet_prefect():
             return flow()
     except Exception as err:
-        failure = explain(err, tracking_uri=tracking_uri(cfg.tracking.uri, root), prefect_api=api or "")
-        if failure is None:
-            raise
-        if failure.kind == "prefect":
-            console.print(f"[red]error:[/red] {failure.message}", highlight=False)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(failure.exit_code)
-        _fail(failure.message, failure.exit_code)
+        _explain_or_raise(err, tracking_uri=tracking_uri(cfg.tracking.uri, root), prefect_api=api or "")
+
+
+def _explain_or_raise(err: Exception, *, tracking_uri: str, prefect_api: str | None = None) -> NoReturn:
+    """Exit with the one line of :func:`flows.failures.explain` for ``err``, or re-raise ``err`` if it explains none.
+
+    With ``prefect_api`` given (a flow ran), a Prefect API that went away leaves Prefect's event and log workers
+    retrying it for minutes at exit, so that case leaves at once (``os._exit``) once the line is printed: every
+    artifact is already published.
+    """
+    from flows.failures import explain
+
+    failure = explain(err, tracking_uri=tracking_uri, prefect_api=prefect_api or "")
+    if failure is None:
+        raise err
+    if failure.kind == "prefect" and prefect_api is not None:
+        console.print(f"[red]error:[/red] {failure.message}", highlight=False)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(failure.exit_code)
+    _fail(failure.message, failure.exit_code)
 
 
 def _logging() -> None:

@@ -194,9 +194,7 @@ class PipelineConfig(Section):
         for source in self.calibration_sources:
             for stage, shards, step in (("covariance", self.covariance.shards, self.covariance.batch_size),
                                         ("sensitivity", self.sensitivity.shards, self.sensitivity.step)):
-                if shards > -(-source.n_calib // step):
-                    raise ValueError(f"{stage}.shards={shards} exceeds the {-(-source.n_calib // step)} steps of "
-                                     f"{step} sample(s) in {source.n_calib} calibration samples of {source.task.name}")
+                check_shard_count(shards, source.n_calib, step, name=f"{stage}.shards", of=f" of {source.task.name}")
         names = [source.task.name for source in self.calibration.mixture]
         if len(set(names)) != len(names):
             raise ValueError(f"calibration.mixture names a task twice: {names}")
@@ -216,6 +214,20 @@ class PipelineConfig(Section):
         if method is not None:
             data["method"] = method.model_dump()
         return PipelineConfig.model_validate(data)
+
+
+def check_shard_count(n_shards: int, n_samples: int, step: int, *, name: str = "shards", of: str = "") -> int:
+    """The steps of ``step`` samples in ``n_samples`` (the last may be short): a shard is whole steps, so at most
+    that many shards.
+
+    Raises:
+        ValueError: ``n_shards`` exceeds the steps; the message names the field ``name`` and the samples ``of``.
+    """
+    n_steps = -(-n_samples // step)
+    if n_shards > n_steps:
+        raise ValueError(f"{name}={n_shards} exceeds the {n_steps} steps of {step} sample(s) in {n_samples} "
+                         f"calibration samples{of}")
+    return n_steps
 
 
 class ConfigError(ValueError):

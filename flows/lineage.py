@@ -280,13 +280,18 @@ def walk(client: MlflowClient, run_id: str) -> list[Node]:
     return list(nodes.values())
 
 
+def children(client: MlflowClient, parent: Run) -> list[Run]:
+    """The child runs of a parent run (one invocation), oldest first."""
+    query = f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'"
+    return client.search_runs([parent.info.experiment_id], filter_string=query,
+                              order_by=["attributes.start_time ASC"], max_results=5000)
+
+
 def leaves(client: MlflowClient, parent_run_id: str) -> list[str]:
     """The stage runs of a parent run whose output no other stage run of it read: where its chains end."""
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}'",
-                                  order_by=["attributes.start_time ASC"], max_results=1000)
-    used = {v for r in children for k, v in r.data.tags.items() if k.startswith(TAG_UPSTREAM)}
-    return [r.info.run_id for r in children if TAG_STAGE in r.data.tags
+    runs = children(client, client.get_run(parent_run_id))
+    used = {v for r in runs for k, v in r.data.tags.items() if k.startswith(TAG_UPSTREAM)}
+    return [r.info.run_id for r in runs if TAG_STAGE in r.data.tags
             and r.info.run_id not in used and r.data.tags.get(TAG_REUSED) not in used]
 
 

@@ -123,7 +123,15 @@ def compute_calibration(p: CalibrationParams, ctx: RunContext, out: Path) -> Sta
                                 "n_truncated": meta.n_truncated}, datasets=[dataset])
 
 
-class CovarianceParams(StageParams):
+class CalibrationReader(StageParams):
+    """A stage that reads calibration samples (covariance, sensitivity): :meth:`samples` picks the ones it reads."""
+
+    def samples(self, calib: Calibration) -> Calibration:
+        """The calibration samples this stage reads: all of them (a shard reads a slice)."""
+        return calib
+
+
+class CovarianceParams(CalibrationReader):
     model: StageResult
     calibration: StageResult
     targets: TargetSpec
@@ -135,10 +143,6 @@ class CovarianceParams(StageParams):
         c = cfg.covariance
         return cls(model=model, calibration=calibration, targets=cfg.targets, precision=c.precision,
                    batch_size=c.batch_size)
-
-    def samples(self, calib: Calibration) -> Calibration:
-        """The calibration samples this stage reads: all of them (a shard reads a slice)."""
-        return calib
 
 
 def compute_covariance(p: CovarianceParams, ctx: RunContext, out: Path) -> StageOutput:
@@ -210,7 +214,7 @@ def compute_spectrum_stage(p: SpectrumParams, ctx: RunContext, out: Path) -> Sta
                                 "n_gram": len(spectrum.vectors) - n_exact})
 
 
-class SensitivityParams(StageParams):
+class SensitivityParams(CalibrationReader):
     model: StageResult
     calibration: StageResult
     targets: TargetSpec
@@ -223,10 +227,6 @@ class SensitivityParams(StageParams):
         s = cfg.sensitivity
         return cls(model=model, calibration=calibration, targets=cfg.targets, mode=s.mode,
                    batch_size=s.batch_size if s.mode == "batched" else None)
-
-    def samples(self, calib: Calibration) -> Calibration:
-        """The calibration samples this stage reads: all of them (a shard reads a slice)."""
-        return calib
 
 
 def compute_sensitivity(p: SensitivityParams, ctx: RunContext, out: Path) -> StageOutput:

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from pydantic import BaseModel, ConfigDict
 
-from flows.lineage import TAG_PARENT, TAG_REUSED, TAG_STAGE, TAG_UPSTREAM, walk
+from flows.lineage import TAG_PARENT, TAG_REUSED, TAG_STAGE, TAG_UPSTREAM, children, walk
 from flows.plots import PLOTS, loss_comparison_figure, png_bytes
 from tlora.methods import Method
 
@@ -105,15 +105,14 @@ def collect(client: MlflowClient, parent_run_ids: list[str], ui_url: str | None 
             raise ValueError(f"run {parent_id} is a {parent.data.tags[TAG_STAGE]} stage run, not a pipeline "
                              "(parent) run: give the run id that `tlora run`/`tlora sweep` printed")
         experiment_id = parent.info.experiment_id
-        children = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_PARENT}` = '{parent_id}'",
-                                      order_by=["attributes.start_time ASC"], max_results=5000)
-        for child in children:
+        stage_runs = children(client, parent)
+        for child in stage_runs:
             cache[child.info.run_id] = child
-        evaluations = [c for c in children if c.data.tags.get(TAG_STAGE) == "evaluate"]
+        evaluations = [c for c in stage_runs if c.data.tags.get(TAG_STAGE) == "evaluate"]
         if not evaluations:
             raise ValueError(f"parent run {parent_id} has no evaluate stage run (did it fail?)")
         for evaluation in evaluations:
-            branches.append(_branch(client, cache, parent, children, evaluation))
+            branches.append(_branch(client, cache, parent, stage_runs, evaluation))
     uri = client.tracking_uri
     if ui_url is None:
         ui_url = uri if uri.startswith(("http://", "https://")) else MLFLOW_UI
@@ -176,12 +175,12 @@ def render(report: Report) -> str:
                         figures="".join(figures) or "<p>No stage logged a plot.</p>")
 
 
-def _branch(client: MlflowClient, cache: dict[str, Run], parent: Run, children: list[Run],
+def _branch(client: MlflowClient, cache: dict[str, Run], parent: Run, stage_runs: list[Run],
             evaluation: Run) -> BranchReport:
     nodes = {n.stage: n for n in reversed(walk(client, evaluation.info.run_id))}  # the first producer per stage
-    reused_keys = {c.data.tags.get("tlora.key") for c in children if TAG_REUSED in c.data.tags}
+    reused_keys = {c.data.tags.get("tlora.key") for c in stage_runs if TAG_REUSED in c.data.tags}
     train = nodes.get("train")
-    merge = next((c for c in children if c.data.tags.get(TAG_STAGE) == "merge" and train is not None
+    merge = next((c for c in stage_runs if c.data.tags.get(TAG_STAGE) == "merge" and train is not None
                   and _producer(client, cache, c).data.tags.get(TAG_UPSTREAM + "adapter") == train.run_id), None)
     stages = []
     for stage in STAGES:

@@ -34,7 +34,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 import flows
-from flows.config import CalibrationSource, PipelineConfig, RunnerConfig
+from flows.config import CalibrationSource, PipelineConfig, RunnerConfig, check_shard_count
 from flows.prepare import (
     CovarianceParams,
     SensitivityParams,
@@ -102,9 +102,7 @@ def shard_ranges(n_samples: int, step: int, n_shards: int) -> list[tuple[int, in
     """
     if n_samples < 1 or step < 1 or n_shards < 1:
         raise ValueError(f"need n_samples, step and n_shards >= 1, got {n_samples}, {step}, {n_shards}")
-    n_steps = -(-n_samples // step)
-    if n_shards > n_steps:
-        raise ValueError(f"{n_shards} shards for {n_steps} steps of {step} sample(s): lower the shard count")
+    n_steps = check_shard_count(n_shards, n_samples, step)
     per, extra = divmod(n_steps, n_shards)
     bounds = [0]
     for i in range(n_shards):

@@ -38,7 +38,7 @@ def test_more_shards_than_batches_is_refused_by_the_config(workspace):
     with pytest.raises(ValidationError, match=r"sensitivity\.shards=3 exceeds the 2 steps"):
         workspace(sensitivity={"mode": "batched", "batch_size": 4, "shards": 3})
     workspace(sensitivity={"shards": 8})  # per-sample scoring: one step per sample
-    with pytest.raises(ValueError, match="5 shards for 4 steps"):
+    with pytest.raises(ValueError, match=r"shards=5 exceeds the 4 steps of 2 sample\(s\) in 8 calibration samples"):
         shards.shard_ranges(8, 2, 5)
 
 
