@@ -21,19 +21,18 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
+from _prefect_server import start_prefect_server, stop  # noqa: E402
 from _results import machine_line, update_section  # noqa: E402
 
 STAGES = ("model", "calibration", "covariance", "spectrum", "sensitivity", "allocation", "init", "train", "evaluate",
@@ -58,10 +57,10 @@ def main() -> None:
     env.pop("MLFLOW_TRACKING_URI", None)
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the server
-    server = launch_prefect(work, env)
+    server = start_prefect_server(work / "prefect-home", env, timeout=300)
+    env["PREFECT_API_URL"] = server["url"]  # every pipeline on this server: no temporary server per process
     records: list[dict] = []
     try:
-        wait_healthy(env["PREFECT_API_URL"])
         config = write_sources(work)
         flow_s = args.max_kill_s  # kills are drawn over the flow's duration, learnt from runs that ran through
         for i in range(args.pipelines):
@@ -72,7 +71,7 @@ def main() -> None:
             if not records[-1]["killed"] and records[-1].get("flow_s"):
                 flow_s = min(args.max_kill_s, records[-1]["flow_s"])
     finally:
-        stop(server)
+        stop(server["proc"])
     summary = audit(work / "artifacts", records, time.perf_counter() - start) | {
         "max_kill_s": args.max_kill_s, "planned": args.pipelines, "max_minutes": args.max_minutes}
     print(json.dumps(summary, indent=2))
@@ -217,39 +216,6 @@ def write_sources(work: Path) -> Path:
     path = work / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def launch_prefect(work: Path, env: dict) -> subprocess.Popen:
-    """A Prefect server on 127.0.0.1 for every pipeline (no temporary server per process); sets PREFECT_API_URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (work / "prefect-home").mkdir(parents=True)
-    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-    return subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-
-
-def wait_healthy(api_url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"the Prefect server did not start within {timeout_s:.0f} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 if __name__ == "__main__":
