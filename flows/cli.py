@@ -182,9 +182,10 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 def _guarded(cfg: PipelineConfig, flow: Callable[[], T]) -> T:
     """Run ``flow`` after :func:`flows.failures.preflight`; a failure of the machine around it exits with one line."""
+    from prefect import tags
     from prefect.settings import PREFECT_API_URL
 
-    from flows.failures import preflight, quiet_prefect
+    from flows.failures import crash_orphans, preflight, process_tag, quiet_prefect
     from flows.lineage import tracking_uri
 
     root, api = Path(cfg.store.root).resolve(), PREFECT_API_URL.value()
@@ -192,7 +193,8 @@ def _guarded(cfg: PipelineConfig, flow: Callable[[], T]) -> T:
     if failure is not None:
         _fail(failure.message, failure.exit_code)
     try:
-        with quiet_prefect():
+        with quiet_prefect(), tags(process_tag()):
+            crash_orphans()
             return flow()
     except Exception as err:
         _explain_or_raise(err, tracking_uri=tracking_uri(cfg.tracking.uri, root), prefect_api=api or "")

@@ -4,7 +4,8 @@ A full disk, an unwritable artifacts folder, an unreachable MLflow server or a P
 not bugs of the pipeline: the CLI checks what it can before any compute (:func:`preflight`) and turns the same
 failures met during a run into one line (:func:`explain`) instead of a wall of tracebacks. Nothing here
 deletes anything: artifacts are published atomically (``flows.store``), so whatever a failed run finished
-stays valid and the next run reuses it.
+stays valid and the next run reuses it. A killed ``tlora`` process leaves its Prefect flow and task runs
+Running; the next run on the same machine marks them Crashed (:func:`crash_orphans`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["disk_full", "unwritable", "mlflow", "prefect"]
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -91,6 +94,61 @@ def preflight(root: str | Path, stages: str, tracking_uri: str, prefect_api: str
                                                    f"({type(err).__name__}): start it (prefect server start) or "
                                                    "unset PREFECT_API_URL to run with a temporary local server")
     return None
+
+
+PROCESS_TAG = "tlora.process:"
+"""Prefect tag prefix on the flow and task runs of a ``tlora`` process: ``tlora.process:<lineage.process_id()>``."""
+
+
+def process_tag() -> str:
+    """The tag this process puts on its flow runs (inherited by their task runs and subflows)."""
+    from flows.lineage import process_id
+
+    return PROCESS_TAG + process_id()
+
+
+def crash_orphans(limit: int = 200) -> int:
+    """Mark Crashed the flow runs, and their unfinished task runs, that a killed ``tlora`` process of this machine
+    left Running or Pending; return how many flow runs. Runs of other machines, of live processes and runs
+    without the tag (workers report their own crashes) are left alone; a failure here only logs a warning."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    from flows.lineage import process_alive, process_id
+
+    unfinished = [StateType.RUNNING, StateType.PENDING]
+    here = process_id().rsplit("/", 2)[0]
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))), limit=limit)
+            owners = {run.id: next((t[len(PROCESS_TAG):] for t in run.tags if t.startswith(PROCESS_TAG)), "")
+                      for run in runs}
+            dead = {i: o for i, o in owners.items() if o.rsplit("/", 2)[0] == here and not process_alive(o)}
+            if not dead:
+                return 0
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(dead))),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=unfinished))))
+            for task in tasks:
+                client.set_task_run_state(task.id, Crashed(message="its process was killed"), force=True)
+            for run_id, owner in dead.items():
+                client.set_flow_run_state(run_id, Crashed(message=f"its process {owner} was killed"), force=True)
+    except Exception as err:  # never worth failing the run that found them
+        log.warning("could not mark flow runs of killed processes Crashed: %s", _first_line(err))
+        return 0
+    log.warning("marked %d Prefect flow run(s) left Running by killed processes as Crashed", len(dead))
+    return len(dead)
 
 
 @contextmanager

@@ -188,7 +188,7 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                        max_results=1000)
         dead = [r.info.run_id for r in runs if (owner := r.data.tags.get(TAG_PROCESS, "")).rsplit("/", 2)[0] == here
-                and not _alive(owner)]
+                and not process_alive(owner)]
         for run_id in dead:
             self.client.set_terminated(run_id, "KILLED")
         if dead:
@@ -221,7 +221,7 @@ def process_id(pid: int | None = None) -> str:
     return f"{socket.gethostname()}/{_boot_id()}/{pid}/{_start_time(pid)}"
 
 
-def _alive(owner: str) -> bool:
+def process_alive(owner: str) -> bool:
     """Whether the process named by :func:`process_id` still runs (same pid and same start time)."""
     try:
         pid = int(owner.rsplit("/", 2)[1])

@@ -177,6 +177,23 @@ def test_runs_left_running_by_killed_processes_are_marked_killed(chain):
     assert reused == set(STAGES) - {"merge"}
 
 
+def test_flow_runs_left_running_by_killed_processes_are_marked_crashed(chain):
+    from prefect.client.orchestration import get_client
+
+    from flows.failures import PROCESS_TAG
+    from flows.lineage import process_alive
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+    owners = {run.id: next((t[len(PROCESS_TAG):] for t in run.tags if t.startswith(PROCESS_TAG)), None)
+              for run in runs}
+    ours = [r for r in runs if owners[r.id] and str(chain.home) in str(r.parameters)]  # this chain's pipelines
+    dead = [r for r in ours if not process_alive(owners[r.id])]
+    assert len({owners[r.id] for r in dead}) == 3  # the three killed processes' runs carry their tag ...
+    assert {r.state_type.value for r in dead} == {"CRASHED"}  # ... and were marked Crashed by the next run
+    assert [r.state_type.value for r in ours if r not in dead] == ["COMPLETED"]  # the last run, in this process
+
+
 # --- failures of the machine around the pipeline: one line, exit 1/2, finished artifacts still valid ---
 
 def invoke(cfg: PipelineConfig, path: Path):
