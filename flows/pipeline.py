@@ -11,19 +11,23 @@ configured runner (threads or Ray, see ``flows/shards.py``) and reduce them exac
 own branch, ``sweep`` several in one flow run.
 
 Train, evaluate and merge are the stages that want a GPU. By default they run in the calling process, like the
-rest. Given ``gpu_deployment`` (``tlora-train/gpu`` in deploy/prefect.yaml), each branch runs them as a run of that
-deployment of the ``tlora-train`` flow, on the gpu work pool, and waits for it; the stages' artifacts and MLflow
-runs land in the same store and parent run as if they had run here (the store must be shared with the gpu workers).
+rest. Given ``gpu_deployment`` (``tlora-train/gpu`` in deploy/prefect.yaml), every branch's allocation and init run
+here, then all branches at once run them as runs of that deployment of the ``tlora-train`` flow, on the gpu work
+pool (as many at a time as it has workers and slots), and the flow waits for them all; the stages' artifacts and
+MLflow runs land in the same store and parent run as if they had run here (the store must be shared with the gpu
+workers).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 import yaml
 from prefect import flow
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from pydantic import BaseModel, ConfigDict
@@ -119,8 +123,9 @@ def run_branches(config: PipelineConfig, branches: list[tuple[Budget | None, Met
     tracker = ctx.tracker()
     try:
         up = prepare_task(ctx, config, [m for _, m in branches])
-        done = [run_branch(ctx, config.with_branch(budget=b, method=m), up, gpu_deployment=gpu_deployment)
-                for b, m in branches]
+        configs = [config.with_branch(budget=b, method=m) for b, m in branches]
+        done = ([run_branch(ctx, cfg, up) for cfg in configs] if gpu_deployment is None
+                else run_branches_on_gpu_pool(gpu_deployment, ctx, configs, up))
     except BaseException:
         tracker.finish(ctx.parent_run_id, status="FAILED")
         raise
@@ -152,14 +157,36 @@ def prepare_task(ctx: RunContext, cfg: PipelineConfig, methods: list[Method]) ->
                     sensitivity=sensitivity)
 
 
-def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream, *, gpu_deployment: str | None = None) -> Branch:
+def run_branch(ctx: RunContext, cfg: PipelineConfig, up: Upstream) -> Branch:
     """Allocation → init → train → evaluate (→ merge) for the config's budget and method."""
+    allocation, init = branch_init(ctx, cfg, up)
+    return branch(ctx, cfg, allocation, init, *gpu_stages(ctx, cfg, up.model, init))
+
+
+def run_branches_on_gpu_pool(deployment: str, ctx: RunContext, configs: list[PipelineConfig],
+                             up: Upstream) -> list[Branch]:
+    """Allocation → init of every branch here, then all their ``tlora-train`` runs on the gpu pool at once."""
+    inits = [branch_init(ctx, cfg, up) for cfg in configs]
+    runs = [submit_to_gpu_pool(deployment, ctx, cfg, up.model, init) for cfg, (_, init) in zip(configs, inits,
+                                                                                                 strict=True)]
+    failed = [f"{run.name} ({run.id}): {state}" for run, state in zip(runs, wait_for_runs(runs), strict=True)
+              if state != "COMPLETED"]
+    if failed:
+        raise RuntimeError(f"flow run(s) of deployment {deployment} did not complete: {'; '.join(failed)} "
+                           "(the branches that completed are published and will be reused)")
+    return [branch(ctx, cfg, allocation, init, *published_gpu_stages(deployment, ctx, cfg, up.model, init))
+            for cfg, (allocation, init) in zip(configs, inits, strict=True)]
+
+
+def branch_init(ctx: RunContext, cfg: PipelineConfig, up: Upstream) -> tuple[StageResult, StageResult]:
+    """Allocation → init: the branch's stages before training."""
     allocation = call(ctx, adapt.allocation, adapt.AllocationParams.of(cfg, up.model, up.sensitivity))
-    init = call(ctx, adapt.init, adapt.InitParams.of(cfg, up.model, allocation, up.spectrum))
-    if gpu_deployment is None:
-        trained, evaluated, merged = gpu_stages(ctx, cfg, up.model, init)
-    else:
-        trained, evaluated, merged = run_on_gpu_pool(gpu_deployment, ctx, cfg, up.model, init)
+    return allocation, call(ctx, adapt.init, adapt.InitParams.of(cfg, up.model, allocation, up.spectrum))
+
+
+def branch(ctx: RunContext, cfg: PipelineConfig, allocation: StageResult, init: StageResult, trained: StageResult,
+           evaluated: StageResult, merged: StageResult | None) -> Branch:
+    """A finished branch, with the metrics its evaluate stage wrote."""
     metrics = yaml.safe_load((ctx.open(evaluated) / "metrics.json").read_text())
     return Branch(method=cfg.method.label, budget=cfg.allocation.budget, allocation=allocation, init=init,
                   train=trained, evaluate=evaluated, merge=merged, metrics=metrics)
@@ -191,21 +218,41 @@ def gpu_stages(ctx: RunContext, cfg: PipelineConfig, model: StageResult,
     return trained, evaluated, merged
 
 
-def run_on_gpu_pool(deployment: str, ctx: RunContext, cfg: PipelineConfig, model: StageResult,
-                    init: StageResult) -> tuple[StageResult, StageResult, StageResult | None]:
-    """Run ``tlora-train`` for this branch as a run of ``deployment``, wait, and return what it published.
-
-    The gpu run records its stages (or their reuse) under this invocation's MLflow parent run and publishes them
-    to this store; they are read back from the store's manifests, so nothing is computed or recorded twice.
-    """
+def submit_to_gpu_pool(deployment: str, ctx: RunContext, cfg: PipelineConfig, model: StageResult,
+                       init: StageResult) -> FlowRun:
+    """Start ``tlora-train`` for one branch as a run of ``deployment`` (a subflow of this run); do not wait."""
     parameters = {"ctx": ctx.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
                   "model": model.model_dump(mode="json"), "init": init.model_dump(mode="json")}
-    log.info("train, evaluate%s on deployment %s", ", merge" if cfg.merge.enabled else "", deployment)
-    run = run_deployment(deployment, parameters=parameters, poll_interval=2,
-                         tags=["tlora", f"tlora.method:{cfg.method.label}"])
-    if run.state is None or not run.state.is_completed():
-        state = run.state.name if run.state else "unknown"
-        raise RuntimeError(f"flow run {run.name} ({run.id}) of deployment {deployment} ended {state}")
+    log.info("train, evaluate%s of %s on deployment %s", ", merge" if cfg.merge.enabled else "",
+             cfg.method.label, deployment)
+    return run_deployment(deployment, parameters=parameters, timeout=0,
+                          tags=["tlora", f"tlora.method:{cfg.method.label}"])
+
+
+def wait_for_runs(runs: list[FlowRun], poll_s: float = 2.0) -> list[str]:
+    """Wait until every flow run is in a final state; their state types (``COMPLETED``, ``FAILED``, …)."""
+    from prefect.client.orchestration import get_client
+
+    states: dict = {}
+    with get_client(sync_client=True) as client:
+        while True:
+            for run in runs:
+                if run.id not in states:
+                    state = client.read_flow_run(run.id).state
+                    if state is not None and state.is_final():
+                        states[run.id] = state.type.value
+            if len(states) == len(runs):
+                return [states[run.id] for run in runs]
+            time.sleep(poll_s)
+
+
+def published_gpu_stages(deployment: str, ctx: RunContext, cfg: PipelineConfig, model: StageResult,
+                         init: StageResult) -> tuple[StageResult, StageResult, StageResult | None]:
+    """What a ``tlora-train`` run published for this branch, read back from the store's manifests.
+
+    The gpu run records its stages (or their reuse) under this invocation's MLflow parent run and publishes them
+    to this store, so nothing is computed or recorded twice.
+    """
     trained = published(ctx, "train", adapt.TrainParams.of(cfg, model, init), deployment)
     evaluated = published(ctx, "evaluate", adapt.EvaluateParams.of(cfg, model, trained), deployment)
     merged = published(ctx, "merge", adapt.MergeParams.of(cfg, model, trained), deployment) if cfg.merge.enabled \

@@ -168,6 +168,31 @@ def test_the_pipeline_deployment_trains_on_the_gpu_pool_and_records_every_stage(
     assert "code_exact_match" not in json.loads((next((stages / "evaluate").iterdir()) / "metrics.json").read_text())
 
 
+def test_a_sweep_trains_its_branches_on_the_gpu_pool_side_by_side(deployed):
+    api, procs, home = deployed
+    sweep = api.get("/deployments/name/tlora-sweep/demo").json()
+    gpu_id = api.get("/deployments/name/tlora-train/gpu").json()["id"]
+    before = {r["id"] for r in api.post("/flow_runs/filter", json={}).json()}
+    cfg = tiny_config(_sources(home / "sources-sweep"), home / "artifacts-sweep")
+    response = api.post(f"/deployments/{sweep['id']}/create_flow_run", json={"parameters": {
+        "config": cfg, "budgets": [{"rank": 3}, {"rank": 5}], "methods": [{"name": "tlora"}]}})
+    assert response.status_code == 201, response.text
+    state = _wait(lambda: _final(api, response.json()["id"]), 300, "the sweep run did not finish")
+    procs.mark("sweep run done")
+    assert state == "COMPLETED", procs.tail()
+    trains = [r for r in api.post("/flow_runs/filter", json={}).json()
+              if r["deployment_id"] == gpu_id and r["id"] not in before]
+    assert len(trains) == 2 and {r["state_type"] for r in trains} == {"COMPLETED"}
+    a, b = sorted(trains, key=lambda r: r["start_time"])
+    assert b["start_time"] < a["end_time"]  # the second branch started training before the first one ended
+    client = MlflowClient(f"sqlite:///{home / 'artifacts-sweep' / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tlora").experiment_id])
+    (parent,) = [r for r in runs if "tlora.stage" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.tags["tlora.stage"] for r in runs if r.data.tags.get("tlora.stage") in GPU_STAGES) == \
+        sorted(GPU_STAGES * 2)  # each branch's gpu stages recorded once, under the sweep's parent run
+
+
 def _sources(root: Path) -> Path:
     model, tokenizer = build_tiny("llama", seed=0), build_tiny_tokenizer()
     model.save_pretrained(root / "model")
