@@ -80,13 +80,15 @@ class SensitivityConfig(Section):
 class RunnerConfig(Section):
     """Where the shards of covariance and sensitivity run (one shard: in the flow's own process)."""
 
-    kind: Literal["default", "ray"] = "default"
-    """``default``: Prefect's thread pool in this process; ``ray``: one Ray task per shard."""
+    kind: Literal["default", "ray", "dask"] = "default"
+    """``default``: Prefect's thread pool in this process; ``ray``: one Ray task per shard; ``dask``: one Dask task
+    per shard."""
     address: str | None = None
-    """A running Ray cluster (``auto``, ``ray://head:10001``) whose workers can import ``flows``; default: a
-    local Ray started for the shards and shut down after them."""
+    """A running Ray cluster (``auto``, ``ray://head:10001``) or Dask scheduler (``tcp://head:8786``) whose workers
+    can import ``flows``; default: a local Ray or Dask cluster started for the shards and shut down after them."""
     num_cpus: int | None = Field(None, gt=0)
-    """CPUs of the local Ray or threads of the default pool, so shards run at once (default: all cores)."""
+    """CPUs of the local Ray, worker processes of the local Dask cluster, or threads of the default pool, so
+    shards run at once (default: all cores)."""
     retries: int = Field(1, ge=0)
     """Times a failed shard is retried on its own (a lost worker) before the run fails."""
 

@@ -7,8 +7,8 @@ The task side (model to sensitivity) is computed once per invocation and shared 
 (budget, method): its allocation and everything below. Methods that need no spectrum or no scores (LoRA, PiSSA,
 ablations) skip those stages. A calibration mixture calibrates each dataset on its own (cached per dataset) and
 mixes the partial sums. With ``shards`` > 1, covariance and sensitivity map over shards of the samples on the
-configured runner (threads or Ray, see ``flows/shards.py``) and reduce them exactly. ``pipeline`` runs the config's
-own branch, ``sweep`` several in one flow run.
+configured runner (threads, Ray or Dask, see ``flows/shards.py``) and reduce them exactly. ``pipeline`` runs the
+config's own branch, ``sweep`` several in one flow run.
 
 Train, evaluate and merge are the stages that want a GPU. By default they run in the calling process, like the
 rest. Given ``gpu_deployment`` (``tlora-train/gpu`` in deploy/prefect.yaml), every branch's allocation and init run
@@ -144,7 +144,7 @@ def prepare_task(ctx: RunContext, cfg: PipelineConfig, methods: list[Method]) ->
     parts: list[StageResult] = []
     covs: list[StageResult] = []
     scores: list[StageResult] = []
-    with shards.cluster(cfg):  # one Ray for every sharded stage when runner.kind is ray
+    with shards.cluster(cfg):  # one Ray or Dask cluster for every sharded stage when runner.kind asks for one
         if any(m.needs_spectrum for m in methods):
             covs = [sharded(ctx, cfg, "covariance", model, s, c, parts) for s, c in zip(sources, calibs, strict=True)]
         if any(m.needs_scores for m in methods):

@@ -12,13 +12,14 @@ so an interrupted run loses at most the shards in flight and a rerun computes on
 the partial sums (:func:`tlora.covariance.merge_covariances`; ``Σ n_d s_d / Σ n_d`` for scores), so it equals
 one pass over all samples up to float64 summation order.
 
-Shards run as ``task.map`` in a subflow whose task runner the config picks: Prefect's thread pool, or Ray
-(a local Ray started for the subflow, or a running cluster). A failed shard is retried on its own.
+Shards run as ``task.map`` in a subflow whose task runner the config picks: Prefect's thread pool, Ray or Dask
+(a local cluster started once per invocation, or a running one). A failed shard is retried on its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import os
@@ -163,9 +164,15 @@ def map_shards(ctx: RunContext, stage: Stage, params: list[StageParams], retries
 
 
 def task_runner(runner: RunnerConfig) -> TaskRunner:
-    """Prefect's thread pool, or a Ray runner (on the Ray that :func:`cluster` started, when it did)."""
+    """Prefect's thread pool, or a Ray or Dask runner (on the cluster that :func:`cluster` started, when it did)."""
     if runner.kind == "default":
         return ThreadPoolTaskRunner(max_workers=runner.num_cpus or os.cpu_count())  # Prefect's default: unbounded
+    if runner.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        local = _DASK.get()  # by address: the flow (and its runner) is pickled with every task, a cluster is not
+        return DaskTaskRunner(address=local.scheduler_address) if local is not None else DaskTaskRunner(
+            address=runner.address, cluster_kwargs=_dask_cluster(runner, threads=1))
     from prefect_ray import RayTaskRunner
 
     return RayTaskRunner(address=runner.address, init_kwargs=_ray_init(runner, threads=1))
@@ -173,33 +180,65 @@ def task_runner(runner: RunnerConfig) -> TaskRunner:
 
 @contextlib.contextmanager
 def cluster(cfg: PipelineConfig) -> Iterator[None]:
-    """One Ray for every sharded stage of an invocation (started here, shut down after), so workers stay warm.
+    """One local Ray or Dask cluster for every sharded stage of an invocation (started here, shut down after), so
+    workers stay warm.
 
-    Nothing happens unless ``runner.kind`` is ``ray``, a stage is sharded and no Ray is running already.
-    Workers import ``flows`` and ``tlora`` from this checkout and use ``threads`` (default 1) torch threads.
+    Nothing happens unless ``runner.kind`` is ``ray`` or ``dask``, a stage is sharded and no cluster is given
+    (``address``) or running already. Workers import ``flows`` and ``tlora`` from this checkout and use
+    ``threads`` (default 1) torch threads.
     """
-    import ray
-
     sharded = cfg.covariance.shards > 1 or cfg.sensitivity.shards > 1
-    if cfg.runner.kind != "ray" or not sharded or ray.is_initialized():
+    threads = cfg.threads or 1
+    if cfg.runner.kind == "dask" and sharded and cfg.runner.address is None and _DASK.get() is None:
+        from distributed import LocalCluster
+
+        with LocalCluster(**_dask_cluster(cfg.runner, threads=threads)) as local:
+            token = _DASK.set(local)
+            try:
+                yield
+            finally:
+                _DASK.reset(token)
+        return
+    if cfg.runner.kind != "ray" or not sharded:
         yield
         return
-    ray.init(cfg.runner.address, **_ray_init(cfg.runner, threads=cfg.threads or 1))
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(cfg.runner.address, **_ray_init(cfg.runner, threads=threads))
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def _ray_init(runner: RunnerConfig, *, threads: int) -> dict:
+_DASK: contextvars.ContextVar = contextvars.ContextVar("tlora_dask_cluster", default=None)
+"""The local Dask cluster :func:`cluster` started for this invocation, if any."""
+
+
+def _worker_env(threads: int, *, local: bool = True) -> dict[str, str]:
+    """Environment of workers: ``threads`` BLAS/torch threads, and, for a local cluster, this checkout importable."""
     env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    if not local:
+        return env
+    root = str(Path(flows.__file__).resolve().parents[1])
+    return env | {"PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def _ray_init(runner: RunnerConfig, *, threads: int) -> dict:
+    env = _worker_env(threads, local=runner.address is None)
     init: dict = {"include_dashboard": False, "log_to_driver": False, "runtime_env": {"env_vars": env}}
-    if runner.address is None:  # a local Ray: its workers import this checkout, on the CPUs asked for
-        root = str(Path(flows.__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-        if runner.num_cpus is not None:
-            init["num_cpus"] = runner.num_cpus
+    if runner.address is None and runner.num_cpus is not None:  # a local Ray, on the CPUs asked for
+        init["num_cpus"] = runner.num_cpus
     return init
+
+
+def _dask_cluster(runner: RunnerConfig, *, threads: int) -> dict:
+    """``LocalCluster`` arguments: one single-threaded worker process per CPU asked for, no dashboard."""
+    return {"n_workers": runner.num_cpus or os.cpu_count(), "threads_per_worker": 1, "processes": True,
+            "dashboard_address": None, "env": _worker_env(threads)}
 
 
 def compute_covariance_reduce(p: ReduceParams, ctx: RunContext, out: Path) -> StageOutput:

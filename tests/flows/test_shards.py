@@ -174,3 +174,18 @@ def test_shards_on_ray_equal_one_pass(prefect_server, workspace):
         metrics = client.get_run(s.run_id).data.metrics
         assert metrics["torch_threads"] == 1, s  # Ray workers compute with one torch thread
     assert_equal_to_one_pass(ctx, up)
+
+
+def test_shards_on_dask_equal_one_pass(prefect_server, workspace):
+    from flows.shards import _DASK
+
+    cfg = workspace(covariance={"shards": 2}, sensitivity={"shards": 2}, runner={"kind": "dask", "num_cpus": 2})
+    ctx = context(cfg)
+    up = prepare_task(ctx, cfg, [Method()])
+    assert _DASK.get() is None  # the local cluster was closed
+    assert len(up.shards) == 4 and not any(s.reused for s in up.shards)
+    client = ctx.tracker().client
+    for s in up.shards:
+        metrics = client.get_run(s.run_id).data.metrics
+        assert metrics["torch_threads"] == 1, s  # Dask workers compute with one torch thread
+    assert_equal_to_one_pass(ctx, up)
