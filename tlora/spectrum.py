@@ -33,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import scipy.linalg
 import torch
+from scipy.linalg.blas import dsymm, dsyrk
 from torch import nn
 
 from tlora._zarr_store import open_complete, read_float64, write_matrix, writing
@@ -197,24 +200,60 @@ def _exact(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _gram(m: torch.Tensor, r: int, *, certify: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Eigen-solve the smaller Gram matrix; also return all its σ (descending) for the error bound, and,
-    with ``certify``, whether the eigenvectors' residuals pass :func:`_ritz_converged` for every prefix."""
-    gram, right = _smaller_gram(m)
-    lam, q = torch.linalg.eigh(gram)  # ascending
-    lam, q = lam.flip(0), q.flip(1)
-    x = q[:, :r]  # right singular vectors (MᵀM) or left ones (MMᵀ)
+    """Eigen-solve the smaller Gram matrix for its top ``r + 1`` pairs; also return their σ (descending) for the
+    error bound, and, with ``certify``, whether the top r eigenvectors' residuals pass :func:`_ritz_converged`
+    for every prefix."""
+    right = m.shape[1] <= m.shape[0]
+    n = min(m.shape)
+    k = min(r + 1, n)  # σ_r+1 closes the last gap of both certificates
+    found = _top_gram_eigh_lapack(m, right, k, r) if m.device.type == "cpu" else None
+    lam, x, gx = found if found is not None else _top_gram_eigh_torch(m, right, k, r)
+    x = x[:, :r]  # right singular vectors (MᵀM) or left ones (MMᵀ)
     certified = False
     if certify:  # the residuals of the computed pairs against the same Gram, as the randomized solver does
-        residual = torch.linalg.vector_norm(gram @ x - x * lam[:r], dim=0)
-        certified = _ritz_converged(lam[: min(_block(r), len(lam))], residual, r, len(lam))
+        residual = torch.linalg.vector_norm(gx - x * lam[:r], dim=0)
+        certified = _ritz_converged(lam, residual, r, n)
     if right:
         v = x  # [d_in, r]
+        s = torch.linalg.vector_norm(m @ v, dim=0)  # ‖Mv‖: second order in v's error, unlike sqrt(λ)
     else:  # V = MᵀU/σ; QR instead of dividing keeps the rows orthonormal when some σ is ~0.
-        qq, rr = torch.linalg.qr(m.T @ x)
+        y = m.T @ x
+        s = torch.linalg.vector_norm(y, dim=0)  # ‖Mᵀu‖: second order in u's error, like ‖Mv‖
+        qq, rr = torch.linalg.qr(y)
         v = qq * torch.where(rr.diagonal() < 0, -1.0, 1.0)
-    sigma = lam.clamp(min=0).sqrt()
-    # ‖Mv‖ is accurate to second order in v's error, unlike sqrt(λ), which loses the small σ.
-    return v.T, torch.linalg.vector_norm(m @ v, dim=0), sigma, certified
+    return v.T, s, lam.clamp(min=0).sqrt(), certified
+
+
+def _top_gram_eigh_lapack(m: torch.Tensor, right: bool, k: int, r: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Top-k eigenpairs (descending) of the smaller Gram of a CPU ``m`` and the Gram times the first r vectors.
+
+    One triangle by BLAS SYRK, then LAPACK's ``dsyevr`` for the top k pairs only (tridiagonal reduction,
+    bisection and inverse iteration for those k, back-transform of k vectors), and SYMM for the residual
+    product: about half the work of the full Gram product and a full ``eigh``. None where LAPACK reports
+    a failure (the caller then takes the full torch solve).
+    """
+    a = m.detach().contiguous().numpy().T  # Mᵀ, Fortran-ordered [d_in, d_out], no copy
+    gram = dsyrk(1.0, a, trans=0 if right else 1, lower=1)  # lower triangle of MᵀM (right) or MMᵀ (left)
+    n = gram.shape[0]
+    try:
+        lam, x = scipy.linalg.eigh(gram, lower=True, subset_by_index=(n - k, n - 1), driver="evr",
+                                   check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    x = np.asfortranarray(x[:, ::-1])
+    gx = dsymm(1.0, gram, x[:, :r], side=0, lower=1)
+    return (torch.from_numpy(lam[::-1].copy()), torch.from_numpy(np.ascontiguousarray(x)),
+            torch.from_numpy(np.ascontiguousarray(gx)))
+
+
+def _top_gram_eigh_torch(m: torch.Tensor, right: bool, k: int, r: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`_top_gram_eigh_lapack`, on any device: the full Gram product and a full ``torch.linalg.eigh``."""
+    gram = m.T @ m if right else m @ m.T
+    lam, q = torch.linalg.eigh(gram)  # ascending
+    lam, x = lam.flip(0)[:k], q.flip(1)[:, :k]
+    return lam, x, gram @ x[:, :r]
 
 
 def _smaller_gram(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
