@@ -273,14 +273,17 @@ def test_lapack_top_pairs_equal_torch_full_eigh(shape):
     assert np.abs(gx_l.numpy() - gram @ x_l[:, :r].numpy()).max() < 1e-12  # SYMM on one triangle = the full product
 
 
-def test_lapack_failure_takes_the_full_eigh(monkeypatch):
+@pytest.mark.parametrize("routine", ["dsytrd", "dsterf", "dstein"])
+def test_lapack_failure_takes_the_full_eigh(routine, monkeypatch):
     m = synthetic(150, 60, SPECTRA["clear"])
     expected = spectrum_module._gram(m, 8, certify=True)
+    real = getattr(spectrum_module, routine)
 
-    def fail(*args, **kwargs):
-        raise np.linalg.LinAlgError("dsyevr did not converge")
+    def failing(*args, **kwargs):  # LAPACK's info > 0: did not converge
+        *out, _ = real(*args, **kwargs)
+        return (*out, 1)
 
-    monkeypatch.setattr(spectrum_module.scipy.linalg, "eigh", fail)
+    monkeypatch.setattr(spectrum_module, routine, failing)
     assert spectrum_module._top_gram_eigh_lapack(m, True, 9, 8) is None
     v, s, sigma, certified = spectrum_module._gram(m, 8, certify=True)
     assert certified and expected[3]
