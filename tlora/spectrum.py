@@ -275,7 +275,7 @@ def _top_eigh(gram: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor] | N
     split = np.zeros(n, dtype=np.int32)
     split[0] = n
     z, info = dstein(d, e, w[n - k:], block, split)
-    if info:
+    if info or not np.isfinite(z).all():  # e.g. T = 0, where inverse iteration has nothing to iterate on
         return None
     # T = Qᵀ·G·Q with Q = diag(1, Q̃): Q̃'s reflectors are stored below the subdiagonal as a QR factorization's
     # (LAPACK's lower-triangle layout), so ormqr applies Q̃ to the rows 1: of the tridiagonal's eigenvectors.

@@ -290,3 +290,12 @@ def test_lapack_failure_takes_the_full_eigh(routine, monkeypatch):
     assert projector_gap(v.numpy(), expected[0].numpy()) < 1e-10
     assert torch.allclose(s, expected[1], rtol=1e-13, atol=0)
     assert len(sigma) == len(expected[2]) == 9
+
+
+@pytest.mark.parametrize("shape", [(100, 60), (60, 100)])
+def test_gram_of_a_zero_matrix_is_finite(shape):
+    m = torch.zeros(shape, dtype=torch.float64)  # T = 0: inverse iteration has nothing to work on
+    assert spectrum_module._top_gram_eigh_lapack(m, shape[1] <= shape[0], 9, 8) is None  # so torch's eigh
+    v, s, _, certified = spectrum_module._gram(m, 8, certify=True)
+    assert not certified and bool(torch.isfinite(v).all()) and bool((s == 0).all())
+    assert (v @ v.T - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-12
