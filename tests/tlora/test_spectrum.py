@@ -214,3 +214,88 @@ def test_near_coincident_pair_is_judged_by_energy(solver, name, tiny_model):
     w = model.get_submodule(name).weight.detach().numpy()  # M = W0 (identity covariance)
     energy, exact = (np.linalg.norm(w @ a.T) for a in (v, vh[:4]))
     assert abs(energy / exact - 1) < 1e-8  # the 4th vector may mix with the 5th; the captured energy may not drop
+
+
+def synthetic(d_out: int, d_in: int, sigma: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """M = U·diag(σ)·Vᵀ with random orthonormal U, V (σ may hold zeros: rank-deficient M)."""
+    rng = np.random.default_rng(seed)
+    u = np.linalg.qr(rng.standard_normal((d_out, len(sigma))))[0]
+    v = np.linalg.qr(rng.standard_normal((d_in, len(sigma))))[0]
+    return torch.from_numpy(u @ np.diag(sigma) @ v.T)
+
+
+SPECTRA = {
+    "clear": 0.8 ** np.arange(60.0),
+    "near_pair": np.concatenate([[1.0, 0.8, 0.6, 0.5, 0.5 - 1e-9, 0.48, 0.47, 0.46, 0.46 - 1e-7],
+                                 np.linspace(0.4, 1e-3, 51)]),
+    "rank_deficient": np.concatenate([[1.0, 0.7, 0.5, 0.3, 0.2], np.zeros(55)]),
+}
+
+
+@pytest.mark.parametrize("shape", [(150, 60), (60, 150)])  # MᵀM (right vectors), MMᵀ (left, then V = MᵀU)
+@pytest.mark.parametrize("kind", list(SPECTRA))
+def test_gram_top_pairs_match_numpy_svd(shape, kind):
+    r = 8
+    m = synthetic(*shape, SPECTRA[kind])
+    assert spectrum_module.SUBSET_RATIO * (r + 1) <= min(shape)  # LAPACK's top-(r+1) path, not the full eigh
+    v, s, sigma, certified = spectrum_module._gram(m, r, certify=True)
+    _, s_ref, vh = np.linalg.svd(m.numpy())
+    v = v.numpy()
+    assert v.shape == (r, shape[1]) and np.abs(v @ v.T - np.eye(r)).max() < 1e-12
+    prefixes = clear_prefixes(s_ref, r, shape[1])
+    assert prefixes == ([1, 2, 3, 4, 5] if kind == "rank_deficient" else [1, 2, 3, 4, 5, 6, 7, 8] if kind == "clear"
+                        else [1, 2, 3, 5, 6, 7])
+    for k in prefixes:
+        assert projector_gap(v[:k], vh[:k]) < 1e-10, k
+    assert np.abs(s.numpy() - s_ref[:r]).max() < 1e-12  # ‖Mv‖ / ‖Mᵀu‖, not sqrt(λ): the zeros stay ~0
+    assert len(sigma) == r + 1 and np.abs(sigma.numpy() - s_ref[: r + 1]).max() < 1e-7  # sqrt(λ): ~sqrt(eps)
+    m_np = m.numpy()
+    energy = [np.linalg.norm(m_np @ a[:r].T) for a in (v, vh)]
+    assert abs(energy[0] / energy[1] - 1) < 1e-12  # across the near pairs too
+    # Past a rank-deficient M's rank (σ_6 = σ_7 = 0) the prefixes are judged by energy, on noise-level σ:
+    # whether they pass is not asserted; the vectors are right either way (above).
+    assert certified or kind == "rank_deficient"
+
+
+@pytest.mark.parametrize("shape", [(150, 60), (60, 150)])
+def test_lapack_top_pairs_equal_torch_full_eigh(shape):
+    r = 8
+    m = synthetic(*shape, SPECTRA["clear"], seed=1)
+    right = shape[1] <= shape[0]
+    lam_l, x_l, gx_l = spectrum_module._top_gram_eigh_lapack(m, right, r + 1, r)
+    lam_t, x_t, _ = spectrum_module._top_gram_eigh_torch(m, right, r + 1, r)
+    gram = (m.T @ m if right else m @ m.T).numpy()
+    assert lam_l.shape == lam_t.shape == (r + 1,) and x_l.shape == x_t.shape == (min(shape), r + 1)
+    assert torch.allclose(lam_l, lam_t, rtol=0, atol=1e-13)
+    assert bool((lam_l[:-1] >= lam_l[1:]).all())  # descending, as the torch path
+    signs = torch.sign((x_l * x_t).sum(0))  # clear gaps: the same vectors up to sign
+    assert (x_l - x_t * signs).abs().max() < 1e-10
+    assert np.abs(gx_l.numpy() - gram @ x_l[:, :r].numpy()).max() < 1e-12  # SYMM on one triangle = the full product
+
+
+@pytest.mark.parametrize("routine", ["dsytrd", "dsterf", "dstein"])
+def test_lapack_failure_takes_the_full_eigh(routine, monkeypatch):
+    m = synthetic(150, 60, SPECTRA["clear"])
+    expected = spectrum_module._gram(m, 8, certify=True)
+    real = getattr(spectrum_module, routine)
+
+    def failing(*args, **kwargs):  # LAPACK's info > 0: did not converge
+        *out, _ = real(*args, **kwargs)
+        return (*out, 1)
+
+    monkeypatch.setattr(spectrum_module, routine, failing)
+    assert spectrum_module._top_gram_eigh_lapack(m, True, 9, 8) is None
+    v, s, sigma, certified = spectrum_module._gram(m, 8, certify=True)
+    assert certified and expected[3]
+    assert projector_gap(v.numpy(), expected[0].numpy()) < 1e-10
+    assert torch.allclose(s, expected[1], rtol=1e-13, atol=0)
+    assert len(sigma) == len(expected[2]) == 9
+
+
+@pytest.mark.parametrize("shape", [(100, 60), (60, 100)])
+def test_gram_of_a_zero_matrix_is_finite(shape):
+    m = torch.zeros(shape, dtype=torch.float64)  # T = 0: inverse iteration has nothing to work on
+    assert spectrum_module._top_gram_eigh_lapack(m, shape[1] <= shape[0], 9, 8) is None  # so torch's eigh
+    v, s, _, certified = spectrum_module._gram(m, 8, certify=True)
+    assert not certified and bool(torch.isfinite(v).all()) and bool((s == 0).all())
+    assert (v @ v.T - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-12
