@@ -204,9 +204,9 @@ class SpectrumParams(StageParams):
 
 def compute_spectrum_stage(p: SpectrumParams, ctx: RunContext, out: Path) -> StageOutput:
     """Top ``r_max`` right singular vectors of ``W0·C`` per module, as ``spectrum.zarr``."""
-    model, _, _ = load_base(ctx, p.model)
+    model, _, info = load_base(ctx, p.model)
     cov = load_covariance(ctx.open(p.covariance) / "covariance.zarr")
-    spectrum = compute_spectrum(model, cov, p.r_max, solver=p.solver)
+    spectrum = compute_spectrum(model, cov, p.r_max, solver=p.solver, model_fingerprint=info.fingerprint)
     save_spectrum(out / "spectrum.zarr", spectrum)
     plots.save(plots.spectrum_figure({m: v.tolist() for m, v in spectrum.values.items()}), out, "spectrum")
     n_exact = sum(s == "exact" for s in spectrum.solver.values())

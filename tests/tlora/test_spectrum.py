@@ -7,6 +7,7 @@ from transformers.pytorch_utils import Conv1D
 import tlora.spectrum as spectrum_module
 from tlora import find_targets
 from tlora.covariance import Covariance, collect_covariance
+from tlora.models import model_fingerprint
 from tlora.spectrum import (
     GRAM_TOLERANCE,
     RANDOMIZED_SINE,
@@ -129,6 +130,10 @@ def test_errors_before_compute(tiny_model, samples, batches):
     with pytest.raises(ValueError, match="covariance was collected on another model"):
         compute_spectrum(tiny_model("llama", seed=1), cov, 4)
     assert compute_spectrum(tiny_model("llama", seed=1), cov, 4, check_fingerprint=False).vectors
+    with pytest.raises(ValueError, match="covariance was collected on another model"):
+        compute_spectrum(model, cov, 4, model_fingerprint="f" * 64)  # a given fingerprint is checked as is
+    given = compute_spectrum(model, cov, 4, model_fingerprint=cov.model_fingerprint)
+    assert given.model_fingerprint == cov.model_fingerprint == model_fingerprint(model)
     with pytest.raises(ValueError, match="'nope' is not in the covariance"):
         compute_spectrum(model, cov, 4, modules=["nope"])
     name = "model.layers.0.mlp.down_proj"  # d_in 48
