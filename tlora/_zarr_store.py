@@ -4,9 +4,10 @@ their float64 matrices are laid out and read back.
 Shared by the covariance and spectrum artifacts, so an interrupted write is refused on load by both.
 Matrices are stored whole (DESIGN §2: one ``[d_in, d_in]`` float64 array per shared-input group), chunked by
 blocks of whole rows (≤ 32 MiB each), every chunk written even when it is all zeros, and by default uncompressed
-(:data:`CODEC`). A plain ``zarr.open_group`` reads every store; :func:`read_float64` reads the uncompressed chunks
-of a local store straight into the result (one copy, as ``numpy.load`` does) instead of through zarr's codec
-pipeline, which reads each chunk into a buffer of its own and then copies it into the output.
+(:data:`CODEC`). A plain ``zarr.open_group`` reads every store. Zarr writes the metadata; the uncompressed chunks
+of a local store are written from the matrix and read straight into the result (one copy each way, as
+``numpy.save``/``numpy.load`` do) instead of through zarr's codec pipeline, which reads each chunk into a buffer of
+its own and then copies it into the output, and hops between threads for every chunk.
 """
 
 from __future__ import annotations
@@ -70,12 +71,22 @@ def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compresso
     arr = root.create_array(name=name, shape=values.shape, dtype="float64", chunks=(rows, *values.shape[1:]),
                             compressors=CODEC if compressors == "default" else compressors,
                             config={"write_empty_chunks": True})
-    arr[...] = values
+    files = _raw_chunk_files(arr)
+    if files is None:
+        arr[...] = values
+        return
+    flat, row_bytes = memoryview(values.reshape(values.shape[0], -1)).cast("B"), 8 * width
+    for i, f in enumerate(files):
+        part = flat[i * rows * row_bytes: min((i + 1) * rows, values.shape[0]) * row_bytes]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        with open(f, "wb") as fh:
+            fh.write(part)
+            fh.write(bytes(rows * row_bytes - len(part)))  # the last chunk's padding: the fill value 0.0
 
 
-def _read_raw_chunks(array: zarr.Array) -> np.ndarray | None:
-    """The array read chunk file by chunk file into one C-order float64 array, or ``None`` where the store is
-    not a local one of uncompressed little-endian float64 row-block chunks that are all present."""
+def _raw_chunk_files(array: zarr.Array) -> list[Path] | None:
+    """The chunk files, in row order, of a float64 array kept in a local store as uncompressed little-endian
+    chunks of whole rows (each file the chunk's C-order bytes, the last one padded); ``None`` for anything else."""
     meta = array.metadata
     store = array.store_path.store
     if not (isinstance(store, LocalStore) and isinstance(meta, ArrayV3Metadata) and array.ndim >= 1
@@ -85,13 +96,21 @@ def _read_raw_chunks(array: zarr.Array) -> np.ndarray | None:
         return None
     rows = meta.chunk_grid.chunk_shape[0]
     folder = Path(store.root) / array.path
-    files = [folder / meta.encode_chunk_key((i,) + (0,) * (array.ndim - 1)) for i in range(-(-array.shape[0] // rows))]
-    chunk_bytes = rows * 8 * int(np.prod(array.shape[1:]))
-    if not all(f.is_file() and f.stat().st_size == chunk_bytes for f in files):
+    return [folder / meta.encode_chunk_key((i,) + (0,) * (array.ndim - 1)) for i in range(-(-array.shape[0] // rows))]
+
+
+def _read_raw_chunks(array: zarr.Array) -> np.ndarray | None:
+    """The array read chunk file by chunk file into one C-order float64 array, or ``None`` where
+    :func:`_raw_chunk_files` does not apply or a chunk file is missing or of the wrong size."""
+    files = _raw_chunk_files(array)
+    if files is None:
+        return None
+    rows = array.metadata.chunk_grid.chunk_shape[0]
+    row_bytes = 8 * int(np.prod(array.shape[1:]))
+    if not all(f.is_file() and f.stat().st_size == rows * row_bytes for f in files):
         return None  # an unwritten (fill-value) chunk or a damaged one: zarr's own path decides
     out = np.empty(array.shape, dtype="<f8")
     flat = memoryview(out.reshape(array.shape[0], -1)).cast("B")
-    row_bytes = chunk_bytes // rows
     for i, f in enumerate(files):
         view = flat[i * rows * row_bytes: min((i + 1) * rows, array.shape[0]) * row_bytes]  # the last: no padding
         with open(f, "rb", buffering=0) as fh:
