@@ -131,12 +131,14 @@ def macs_per_token(targets) -> dict[str, float]:
             "tlora": float(sum(x * (x + 1) / 2 for x in d.values()))}
 
 
-def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None]
-                      ) -> dict[str, dict]:
-    """Wall seconds of each fn, interleaved: warmup rounds untimed, then ``repeats`` timed rounds; medians."""
+def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None],
+                      prepare: Callable[[], None] = lambda: None) -> dict[str, dict]:
+    """Wall seconds of each fn, interleaved: warmup rounds untimed, then ``repeats`` timed rounds; medians.
+    ``prepare`` runs untimed before each fn."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + repeats):
         for name, fn in fns.items():
+            prepare()
             sync()
             t0 = time.perf_counter()
             fn()
@@ -321,7 +323,7 @@ def bench_store(cov: Covariance, repeats: int) -> dict:
                "zarr_compact_write": lambda: save_covariance(fresh("compact"), cov, compressors=COMPACT_CODEC),
                "zarr_compact_read": lambda: load_covariance(latest["compact"])}
         print("store:", flush=True)
-        times = timed_round_robin(fns, repeats, warmup=1, sync=settle)
+        times = timed_round_robin(fns, repeats, warmup=1, sync=lambda: None, prepare=settle)
         exact = all(torch.equal(load_covariance(latest[k]).sums[g], s) for k in ("default", "compact")
                     for g, s in cov.sums.items())
         size = {k: sum(f.stat().st_size for f in latest[d].rglob("*") if f.is_file())
