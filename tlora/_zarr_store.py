@@ -121,12 +121,14 @@ def _read_raw_chunks(array: zarr.Array) -> np.ndarray | None:
 
 CODEC: Any = None
 """The default compressors of :func:`write_matrix`: none. Measured on SmolLM2's covariance (120 float64 matrices,
-768 MiB; ``benchmarks/perf_stats.py``, 1 thread), no single-threaded lossless codec keeps up with the page cache:
-Blosc LZ4 level 1 with bit shuffle (:data:`COMPACT_CODEC`) stores 0.56× the bytes but compresses at about
-0.9 GB/s and decompresses at about 1.0 GB/s, which left its write 4.8× and its read 5.5× of ``numpy.save`` /
-``numpy.load`` (byte shuffle: 0.60×, 1.3 / 1.6 GB/s; blosclz: 0.64×; zstd level 1: 0.57-0.60×, 0.3-0.5 GB/s).
-Uncompressed, the chunk files are the matrices' bytes (size 1.0001× numpy's: the JSON metadata) and writing
-and reading cost what numpy's do plus zarr's per-array metadata."""
+768 MiB; ``benchmarks/perf_stats.py`` ``bench_store``, 1 thread, 2 shared cores), no single-threaded lossless codec
+keeps up with the page cache: Blosc LZ4 level 1 with bit shuffle (:data:`COMPACT_CODEC`) stores 0.56× numpy's bytes
+but compresses at about 0.9 GB/s and decompresses at about 1.0 GB/s (byte shuffle: 0.60×, 1.3 / 1.6 GB/s; blosclz:
+0.64×, 1.2 / 2.7 GB/s; zstd level 1: 0.57-0.60×, 0.3-0.5 / 0.8-1.1 GB/s), while ``numpy.save`` / ``numpy.load`` move
+the raw bytes at 2-4 GB/s: it writes 3.4× and reads 3.2× of numpy's time. Uncompressed, the chunk files are the
+matrices' bytes (size 1.0001× numpy's: the JSON metadata) and read 1.1× of ``numpy.load``'s time; writing stays
+about 2.7×, because zarr's metadata (a folder, a ``zarr.json`` and, for the chunk key ``c/0/0``, two more folders
+per array; about 1 ms of CPU per array) costs about as much as numpy writing all 768 MiB."""
 
 COMPACT_CODEC = (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),)
 """Half the bytes at several times the time (see :data:`CODEC`): ``save_covariance(..., compressors=COMPACT_CODEC)``
