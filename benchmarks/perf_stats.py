@@ -416,7 +416,7 @@ def report(out: dict, args: argparse.Namespace) -> str:
         f"overall: {sp['max_sine']:.1e}; worst relative energy error: {sp['max_energy']:.1e}.",
         f"- **Store.** The covariance's {out['n_groups']} float64 matrices: `save_covariance`/`load_covariance` "
         "with their defaults, which the pipeline uses (each sum whole, `[d_in, d_in]` float64, chunks of whole rows, "
-        + ("uncompressed, chunk files written and read directly, zarr writing the metadata"
+        + ("uncompressed, chunk files read straight into the result"
            if "compact_write_ratio" in st else
            "Blosc LZ4 level 1 with bit shuffle")
         + ") vs one `numpy.save` file per matrix / `numpy.load`, both in a temporary folder on the same disk "

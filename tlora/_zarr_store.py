@@ -4,10 +4,10 @@ their float64 matrices are laid out and read back.
 Shared by the covariance and spectrum artifacts, so an interrupted write is refused on load by both.
 Matrices are stored whole (DESIGN §2: one ``[d_in, d_in]`` float64 array per shared-input group), chunked by
 blocks of whole rows (≤ 32 MiB each), every chunk written even when it is all zeros, and by default uncompressed
-(:data:`CODEC`). A plain ``zarr.open_group`` reads every store. Zarr writes the metadata; the uncompressed chunks
-of a local store are written from the matrix and read straight into the result (one copy each way, as
-``numpy.save``/``numpy.load`` do) instead of through zarr's codec pipeline, which reads each chunk into a buffer of
-its own and then copies it into the output, and hops between threads for every chunk.
+(:data:`CODEC`). A plain ``zarr.open_group`` reads every store; :func:`read_float64` reads the uncompressed chunks
+of a local store straight into the result (one copy, as ``numpy.load`` does) instead of through zarr's codec
+pipeline, which reads each chunk into a buffer of its own and then copies it into the output. Writing goes through
+zarr: writing the chunk files directly measured no faster (the ``write`` calls and zarr's metadata dominate).
 """
 
 from __future__ import annotations
@@ -71,17 +71,7 @@ def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compresso
     arr = root.create_array(name=name, shape=values.shape, dtype="float64", chunks=(rows, *values.shape[1:]),
                             compressors=CODEC if compressors == "default" else compressors,
                             config={"write_empty_chunks": True})
-    files = _raw_chunk_files(arr)
-    if files is None:
-        arr[...] = values
-        return
-    flat, row_bytes = memoryview(values.reshape(values.shape[0], -1)).cast("B"), 8 * width
-    for i, f in enumerate(files):
-        part = flat[i * rows * row_bytes: min((i + 1) * rows, values.shape[0]) * row_bytes]
-        f.parent.mkdir(parents=True, exist_ok=True)
-        with open(f, "wb") as fh:
-            fh.write(part)
-            fh.write(bytes(rows * row_bytes - len(part)))  # the last chunk's padding: the fill value 0.0
+    arr[...] = values
 
 
 def _raw_chunk_files(array: zarr.Array) -> list[Path] | None:

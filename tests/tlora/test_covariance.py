@@ -230,9 +230,8 @@ def _padded_sums(monkeypatch) -> dict[str, torch.Tensor]:
     return {f"g{d}": torch.from_numpy(rng.standard_normal((d, d))) for d in (7, 4, 1)}
 
 
-def test_default_store_chunk_files_are_what_zarr_writes_and_reads(tmp_path, monkeypatch):
-    """The uncompressed default bypasses zarr's codec pipeline for chunk data: byte for byte what zarr writes,
-    read back as zarr reads it."""
+def test_default_store_is_read_from_its_chunk_files_as_zarr_reads_it(tmp_path, monkeypatch):
+    """The uncompressed default is read file by file, not through zarr's codec pipeline, and gives what zarr gives."""
     import tlora._zarr_store as zs
 
     sums = _padded_sums(monkeypatch) | {"zeros": torch.zeros(5, 5, dtype=torch.float64)}
@@ -243,13 +242,6 @@ def test_default_store_chunk_files_are_what_zarr_writes_and_reads(tmp_path, monk
     assert all(root[g].compressors == () for g in sums)
     assert (path / "zeros" / "c" / "2" / "0").is_file()  # an all-zero chunk is written too
     oracle = {g: root[g][...] for g in sums}  # zarr's own reading
-    ref = zarr.open_group(str(tmp_path / "by_zarr.zarr"), mode="w")
-    for g, s in sums.items():  # the same arrays as zarr itself writes them
-        ref.create_array(name=g, shape=s.shape, dtype="float64", chunks=root[g].chunks, compressors=None,
-                         config={"write_empty_chunks": True})[...] = s.numpy()
-    chunks = sorted(p.relative_to(path) for p in path.rglob("c/*/*"))
-    assert len(chunks) == 4 + 2 + 1 + 3 and all(  # 7x7 in 4 chunks of 2 rows, 4x4 in 2, 1x1, 5x5 in 3
-        (path / c).read_bytes() == (tmp_path / "by_zarr.zarr" / c).read_bytes() for c in chunks)
     monkeypatch.setattr(zarr.Array, "__getitem__", lambda *a: pytest.fail("read through zarr's pipeline"))
     back = load_covariance(path)
     assert all(np.array_equal(back.sums[g].numpy(), oracle[g]) and torch.equal(back.sums[g], s)
