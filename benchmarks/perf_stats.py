@@ -311,9 +311,10 @@ def bench_store(cov: Covariance, repeats: int) -> dict:
     def npy_read() -> None:
         [np.load(latest["npy"] / f"{i}.npy") for i in range(len(arrays))]
 
-    def settle() -> None:  # untimed: drop all but the latest output of each kind, then settle the heap
+    def settle() -> None:  # untimed: drop all but the latest output of each kind, flush, settle the heap
         for old in set(tmp.iterdir()) - set(latest.values()):
             shutil.rmtree(old)
+        os.sync()  # no write-back of the previous fn's files runs during the next one
         _settle()
 
     try:
@@ -421,7 +422,8 @@ def report(out: dict, args: argparse.Namespace) -> str:
            "Blosc LZ4 level 1 with bit shuffle")
         + ") vs one `numpy.save` file per matrix / `numpy.load`, both in a temporary folder on the same disk "
         "(page cache); each write into a fresh folder (the pipeline writes into a fresh staging folder), the "
-        "previous one deleted untimed; each timed fn started after `gc.collect()` and glibc's `malloc_trim(0)`. "
+        "previous one deleted untimed; each timed fn started after `os.sync()`, `gc.collect()` and glibc's "
+        "`malloc_trim(0)`. "
         f"Round trip bit-exact: {st['round_trip_exact']}. "
         + (f"Compact (`compressors=COMPACT_CODEC`, Blosc LZ4 level 1, bit shuffle): write "
            f"{st['compact_write_ratio']:.2f}×, read {st['compact_read_ratio']:.2f}×, size "
