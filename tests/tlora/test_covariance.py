@@ -221,6 +221,55 @@ def test_store_keeps_each_sum_whole_in_unpadded_row_chunks(tmp_path, monkeypatch
     assert all(torch.equal(back.sums[g], s) for g, s in sums.items())
 
 
+def _padded_sums(monkeypatch) -> dict[str, torch.Tensor]:
+    """Matrices in several row chunks, the last one padded, and a 1-row one (as spectrum values are stored)."""
+    import tlora._zarr_store as zs
+
+    monkeypatch.setattr(zs, "_CHUNK_VALUES", 12)
+    rng = np.random.default_rng(1)
+    return {f"g{d}": torch.from_numpy(rng.standard_normal((d, d))) for d in (7, 4, 1)}
+
+
+def test_default_store_is_read_from_its_chunk_files_as_zarr_reads_it(tmp_path, monkeypatch):
+    """The uncompressed default is read file by file, not through zarr's codec pipeline, and gives what zarr gives."""
+    import tlora._zarr_store as zs
+
+    sums = _padded_sums(monkeypatch) | {"zeros": torch.zeros(5, 5, dtype=torch.float64)}
+    cov = Covariance(sums=sums, modules={g: g for g in sums}, n_tokens=9, n_samples=2)
+    path = tmp_path / "covariance.zarr"
+    save_covariance(path, cov)
+    root = zarr.open_group(str(path), mode="r")
+    assert all(root[g].compressors == () for g in sums)
+    assert (path / "zeros" / "c" / "2" / "0").is_file()  # an all-zero chunk is written too
+    oracle = {g: root[g][...] for g in sums}  # zarr's own reading
+    monkeypatch.setattr(zarr.Array, "__getitem__", lambda *a: pytest.fail("read through zarr's pipeline"))
+    back = load_covariance(path)
+    assert all(np.array_equal(back.sums[g].numpy(), oracle[g]) and torch.equal(back.sums[g], s)
+               for g, s in sums.items())
+    values = torch.arange(5, dtype=torch.float64)  # 1-D, as spectrum values
+    zs.write_matrix(zarr.open_group(str(tmp_path / "v.zarr"), mode="w"), "v", values)
+    assert torch.equal(zs.read_float64(zarr.open_group(str(tmp_path / "v.zarr"), mode="r")["v"]), values)
+
+
+def test_other_stores_are_read_through_zarr(tmp_path, monkeypatch):
+    """Compressed arrays, and an uncompressed one with a chunk left unwritten, go through zarr, exactly."""
+    import tlora._zarr_store as zs
+
+    sums = _padded_sums(monkeypatch)
+    cov = Covariance(sums=sums, modules={g: g for g in sums}, n_tokens=9, n_samples=2)
+    save_covariance(tmp_path / "compact.zarr", cov, compressors=zs.COMPACT_CODEC)
+    root = zarr.open_group(str(tmp_path / "compact.zarr"), mode="r")
+    assert root["g7"].compressors and zs._read_raw_chunks(root["g7"]) is None
+    assert all(torch.equal(load_covariance(tmp_path / "compact.zarr").sums[g], s) for g, s in sums.items())
+    save_covariance(tmp_path / "raw.zarr", cov)
+    (tmp_path / "raw.zarr" / "g7" / "c" / "1" / "0").unlink()  # zarr reads a missing chunk as the fill value
+    root = zarr.open_group(str(tmp_path / "raw.zarr"), mode="r")
+    assert zs._read_raw_chunks(root["g7"]) is None
+    expect = sums["g7"].clone()
+    expect[2:4] = 0  # chunks of 2 rows (12 values / 7 per row -> 4 equal blocks of 2 rows)
+    assert root["g7"].chunks == (2, 7) and torch.equal(load_covariance(tmp_path / "raw.zarr").sums["g7"], expect)
+
+
 def test_collected_sums_are_exactly_symmetric(tiny_model, samples, batches):
     for precision in ("float32", "float64"):
         cov = collect(tiny_model("llama"), batches(samples(3), 2), precision=precision)
