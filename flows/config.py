@@ -153,6 +153,9 @@ class StoreConfig(Section):
     """Local folder for the MLflow database, Prefect results and caches."""
     stages: str | None = None
     """Where stage artifacts go: a folder or an fsspec URI (``s3://bucket/tlora``); default ``<root>/stages``."""
+    compress: bool = False
+    """Blosc LZ4 on the covariance and spectrum Zarr arrays: about 0.56× the bytes for several times the write and
+    read time (``benchmarks/RESULTS.md``); worth it for a store on S3 or a full disk. Keys do not change."""
 
     @property
     def stages_uri(self) -> str:

@@ -292,7 +292,8 @@ def open_invocation(config: PipelineConfig, branches: list[tuple[Budget | None, 
     if "://" not in stages:
         stages = str(Path(stages).resolve())
     ctx = RunContext(stages=stages, root=root, tracking_uri=tracking_uri(config.tracking.uri, root),
-                     experiment=config.tracking.experiment, device=resolve_device(config.device), progress=progress)
+                     experiment=config.tracking.experiment, device=resolve_device(config.device), progress=progress,
+                     compress=config.store.compress)
     params = config.model_dump(mode="json") | {"branches": [
         {"method": m.label, "budget": b.model_dump(mode="json") if b else None} for b, m in branches]}
     run_name = f"{config.name}-{flow_run.name}" if flow_run.name else config.name

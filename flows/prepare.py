@@ -154,7 +154,7 @@ def compute_covariance(p: CovarianceParams, ctx: RunContext, out: Path) -> Stage
         cov = collect_covariance(model, calib.batches(p.batch_size), targets, precision=p.precision,
                                  model_fingerprint=info.fingerprint, data_fingerprint=calib.meta.data_fingerprint,
                                  progress=False, on_progress=on_progress)
-    save_covariance(out / "covariance.zarr", cov)
+    save_covariance(out / "covariance.zarr", cov, compressors=ctx.compressors)
     return StageOutput(metrics={"n_tokens": cov.n_tokens, "n_samples": cov.n_samples, "n_groups": len(cov.sums),
                                 "n_modules": len(cov.modules)})
 
@@ -169,7 +169,7 @@ class MixParams(StageParams):
 def compute_covariance_mix(p: MixParams, ctx: RunContext, out: Path) -> StageOutput:
     """The weighted covariance of the union of the parts' samples, from their cached sums."""
     cov = mix_covariances([load_covariance(ctx.open(r) / "covariance.zarr") for r in p.parts], p.weights)
-    save_covariance(out / "covariance.zarr", cov)
+    save_covariance(out / "covariance.zarr", cov, compressors=ctx.compressors)
     return StageOutput(metrics={"n_tokens": cov.n_tokens, "n_samples": cov.n_samples, "n_parts": len(p.parts)})
 
 
@@ -207,7 +207,7 @@ def compute_spectrum_stage(p: SpectrumParams, ctx: RunContext, out: Path) -> Sta
     model, _, info = load_base(ctx, p.model)
     cov = load_covariance(ctx.open(p.covariance) / "covariance.zarr")
     spectrum = compute_spectrum(model, cov, p.r_max, solver=p.solver, model_fingerprint=info.fingerprint)
-    save_spectrum(out / "spectrum.zarr", spectrum)
+    save_spectrum(out / "spectrum.zarr", spectrum, compressors=ctx.compressors)
     plots.save(plots.spectrum_figure({m: v.tolist() for m, v in spectrum.values.items()}), out, "spectrum")
     n_exact = sum(s == "exact" for s in spectrum.solver.values())
     return StageOutput(metrics={"n_modules": len(spectrum.vectors), "n_exact": n_exact,

@@ -246,7 +246,7 @@ def compute_covariance_reduce(p: ReduceParams, ctx: RunContext, out: Path) -> St
     meta = _check_tiling(p, ctx)
     parts = [load_covariance(ctx.open(r) / "covariance.zarr") for r in p.shards]
     cov = merge_covariances(parts, data_fingerprint=meta.data_fingerprint)
-    save_covariance(out / "covariance.zarr", cov)
+    save_covariance(out / "covariance.zarr", cov, compressors=ctx.compressors)
     return StageOutput(metrics={"n_tokens": cov.n_tokens, "n_samples": cov.n_samples, "n_groups": len(cov.sums),
                                 "n_modules": len(cov.modules), "n_shards": len(parts)})
 

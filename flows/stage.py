@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
@@ -109,6 +109,13 @@ class RunContext(BaseModel):
     parent_run_id: str | None = None
     device: str = "cpu"
     progress: bool = False
+    compress: bool = False
+    """``store.compress``: the covariance and spectrum Zarr arrays compressed (Blosc LZ4)."""
+
+    @property
+    def compressors(self) -> Literal["default", "compact"]:
+        """What the stages pass to ``save_covariance``/``save_spectrum`` as ``compressors``."""
+        return "compact" if self.compress else "default"
 
     def store(self, uri: str | None = None) -> Store:
         """The configured store, or the store holding the artifact at ``uri`` (``<base>/<stage>/<key>``)."""

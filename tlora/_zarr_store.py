@@ -62,14 +62,18 @@ def read_float64(array: zarr.Array) -> torch.Tensor:
 
 
 def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compressors: Any = "default") -> None:
-    """Store a float64 matrix under ``name`` whole, in chunks of whole rows (≤ 32 MiB each, in equal blocks)."""
+    """Store a float64 matrix under ``name`` whole, in chunks of whole rows (≤ 32 MiB each, in equal blocks).
+
+    ``compressors``: ``"default"`` (:data:`CODEC`), ``"compact"`` (:data:`COMPACT_CODEC`), or zarr codecs.
+    """
     values = np.ascontiguousarray(matrix.detach().cpu().numpy(), dtype=np.float64)
     width = values.shape[1] if values.ndim == 2 else 1
     n_chunks = max(1, -(-values.shape[0] * width // _CHUNK_VALUES))  # ceil
     rows = max(1, -(-values.shape[0] // n_chunks))  # equal blocks of rows: the last is padded by < n_chunks rows
     # write_empty_chunks: every chunk lands on disk (an all-zero one too), and zarr skips its scan for them.
     arr = root.create_array(name=name, shape=values.shape, dtype="float64", chunks=(rows, *values.shape[1:]),
-                            compressors=CODEC if compressors == "default" else compressors,
+                            compressors=_NAMED.get(compressors, compressors) if isinstance(compressors, str)
+                            else compressors,
                             config={"write_empty_chunks": True})
     arr[...] = values
 
@@ -126,4 +130,5 @@ COMPACT_CODEC = (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),)
 """Half the bytes at several times the time (see :data:`CODEC`): ``save_covariance(..., compressors=COMPACT_CODEC)``
 for a store that travels over a network or fills a disk."""
 
+_NAMED = {"default": CODEC, "compact": COMPACT_CODEC}  # what write_matrix's ``compressors`` may name
 _CHUNK_VALUES = 1 << 22  # 32 MiB of float64 per chunk at most

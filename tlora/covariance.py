@@ -222,9 +222,9 @@ def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = "de
     """Write ``cov`` as a Zarr v3 group: one float64 ``[d_in, d_in]`` array per group, the rest as attributes.
 
     ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
-    ``compressors`` is passed to zarr's ``create_array``; ``"default"`` is :data:`tlora._zarr_store.CODEC`
-    (uncompressed: reads about as fast as ``numpy.load``); :data:`tlora._zarr_store.COMPACT_CODEC` stores about
-    half the bytes at several times the time.
+    ``compressors``: ``"default"`` is :data:`tlora._zarr_store.CODEC` (uncompressed: reads about as fast as
+    ``numpy.load``); ``"compact"`` (:data:`tlora._zarr_store.COMPACT_CODEC`, Blosc LZ4) stores about half the
+    bytes at several times the time; anything else is passed to zarr's ``create_array``.
     """
     names = {group: _array_name(group, i) for i, group in enumerate(cov.sums)}
     with writing(path) as root:

@@ -163,7 +163,7 @@ def save_spectrum(path: str | Path, spectrum: Spectrum, *, compressors: Any = "d
     """Write ``spectrum`` as a Zarr v3 group: ``<module>/vectors`` and ``<module>/values`` per module.
 
     ``complete`` is written ``false`` first and ``true`` last, so an interrupted write is refused on load.
-    ``compressors`` is passed to zarr's ``create_array`` (``"default"``: :data:`tlora._zarr_store.CODEC`).
+    ``compressors``: ``"default"``, ``"compact"`` or zarr codecs, as for :func:`tlora.covariance.save_covariance`.
     """
     with writing(path) as root:
         for name, vec in spectrum.vectors.items():

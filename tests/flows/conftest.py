@@ -115,7 +115,7 @@ def context(cfg: PipelineConfig, parent_run_id: str | None = None) -> RunContext
     root = str(Path(cfg.store.root).resolve())
     return RunContext(stages=str(Path(cfg.store.stages_uri).resolve()), root=root,
                       tracking_uri=tracking_uri(cfg.tracking.uri, root), experiment=cfg.tracking.experiment,
-                      parent_run_id=parent_run_id)
+                      parent_run_id=parent_run_id, compress=cfg.store.compress)
 
 
 def write_yaml(path: Path, cfg: dict | PipelineConfig) -> Path:

@@ -1,10 +1,19 @@
-"""The task-side stages through ``task.fn`` on a tiny model: a calibration mixture equals one pass over the union."""
+"""The task-side stages through ``task.fn`` on a tiny model: a calibration mixture equals one pass over the union;
+``store.compress`` compresses the Zarr arrays and changes no key."""
 
 import pytest
 import torch
+import zarr
 
 from flows import prepare
-from flows.prepare import CalibrationParams, CovarianceParams, MixParams, ModelParams, SensitivityParams
+from flows.prepare import (
+    CalibrationParams,
+    CovarianceParams,
+    MixParams,
+    ModelParams,
+    SensitivityParams,
+    SpectrumParams,
+)
 from tests.flows.conftest import context
 from tlora.covariance import collect_covariance, load_covariance
 from tlora.data import load_calibration
@@ -69,3 +78,21 @@ def test_a_new_mixture_reuses_the_parts(mixture):
     runs = ctx.tracker().client.search_runs([ctx.tracker().experiment_id])
     assert len(runs) == runs_before + 2  # two mixing runs; the parts' covariances were not recomputed
     assert {r.data.tags["tlora.upstream.parts.0"] for r in runs[:2]} == {covs[0].run_id}
+
+
+def test_store_compress_compresses_the_zarr_arrays_and_keeps_the_keys(workspace):
+    cfg = workspace(store={"compress": True})
+    ctx = context(cfg)
+    model = prepare.model.fn(ctx, ModelParams.of(cfg))
+    calib = prepare.calibration.fn(ctx, CalibrationParams.of(cfg, cfg.calibration_sources[0], model))
+    cov = prepare.covariance.fn(ctx, CovarianceParams.of(cfg, model, calib))
+    spec = prepare.spectrum.fn(ctx, SpectrumParams.of(cfg, model, cov))
+    plain = workspace()  # the same settings, uncompressed: the same keys
+    assert cov.key == CovarianceParams.of(plain, model, calib).key("covariance")
+    assert spec.key == SpectrumParams.of(plain, model, cov).key("spectrum")
+    for result, name in ((cov, "covariance.zarr"), (spec, "spectrum.zarr")):
+        arrays = [a for _, a in zarr.open_group(str(ctx.open(result) / name), mode="r").arrays()]
+        arrays += [a for _, g in zarr.open_group(str(ctx.open(result) / name), mode="r").groups()
+                   for _, a in g.arrays()]
+        assert arrays and all(a.compressors for a in arrays), name  # Blosc on every array
+    assert load_covariance(ctx.open(cov) / "covariance.zarr").n_samples == 8
