@@ -61,3 +61,22 @@ def publish(heading: str, text: str, *, quick: bool = False, raw: dict | None = 
         raw_path.parent.mkdir(parents=True, exist_ok=True)
         raw_path.write_text(json.dumps(raw, indent=indent))
     update_section(heading, text)
+
+
+def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None],
+                      prepare: Callable[[], None] = lambda: None) -> dict[str, dict]:
+    """Wall seconds of each fn, interleaved: warmup rounds untimed, then ``repeats`` timed rounds; medians.
+    ``prepare`` runs untimed before each fn."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            prepare()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+        print(f"  round {i + 1}/{warmup + repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if v),
+              flush=True)
+    return {k: {"median_s": statistics.median(v), "times_s": v} for k, v in times.items()}

@@ -20,11 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,10 +30,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _results import machine_line, update_section  # noqa: E402
+from _perf_store import STORE_REPEATS, bench_store  # noqa: E402
+from _results import machine_line, publish, timed_round_robin, update_section  # noqa: E402
 
 import tlora  # noqa: E402
-from tlora.covariance import Covariance, collect_covariance, load_covariance, save_covariance  # noqa: E402
+from tlora.covariance import Covariance, collect_covariance  # noqa: E402
 from tlora.data import TaskSpec, build_calibration, fitting_rows, load_task, sample_calibration  # noqa: E402
 from tlora.models import model_fingerprint  # noqa: E402
 from tlora.spectrum import compute_spectrum  # noqa: E402
@@ -92,14 +89,7 @@ def main() -> None:
     out["store"] = bench_store(cov, max(args.repeats, STORE_REPEATS))
     load.append(os.getloadavg()[0])
     out["load_average"] = load
-    text = report(out, args)
-    if args.quick:
-        print(text)
-        return
-    RAW.parent.mkdir(parents=True, exist_ok=True)
-    RAW.write_text(json.dumps(out, indent=1))
-    update_section(HEADING, text)
-    print(text)
+    publish(HEADING, report(out, args), quick=args.quick, raw=out, raw_path=RAW)
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.nn.Module, tlora.data.Calibration]:
@@ -129,25 +119,6 @@ def macs_per_token(targets) -> dict[str, float]:
     return {"forward_linears": float(sum(t.d_in * t.d_out for t in mods)),
             "corda": float(sum(t.d_in ** 2 for t in mods)),
             "tlora": float(sum(x * (x + 1) / 2 for x in d.values()))}
-
-
-def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None],
-                      prepare: Callable[[], None] = lambda: None) -> dict[str, dict]:
-    """Wall seconds of each fn, interleaved: warmup rounds untimed, then ``repeats`` timed rounds; medians.
-    ``prepare`` runs untimed before each fn."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            prepare()
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-        print(f"  round {i + 1}/{warmup + repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if v),
-              flush=True)
-    return {k: {"median_s": statistics.median(v), "times_s": v} for k, v in times.items()}
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -287,74 +258,6 @@ def bench_spectrum(model, cov: Covariance, fingerprint: str, args) -> dict:
             "max_energy_near": max((x["energy_rel"] for x in near), default=0.0), "modules": rows}
 
 
-STORE_REPEATS = 9  # a round of the store's six fns takes seconds, and disk write-back makes single ones noisy
-
-
-def bench_store(cov: Covariance, repeats: int) -> dict:
-    """``save_covariance``/``load_covariance`` with the pipeline's defaults, and with the compact codec, vs one
-    ``numpy.save`` file per matrix / ``numpy.load``. Every write goes to a fresh folder, as the pipeline's staging
-    folder is fresh, and the previous one is deleted untimed; every fn starts from the same allocator state."""
-    from tlora._zarr_store import COMPACT_CODEC
-
-    arrays = {g: s.numpy() for g, s in cov.sums.items()}
-    tmp = Path(tempfile.mkdtemp(prefix="perf_stats_"))
-    latest: dict[str, Path] = {}
-    count = iter(range(1 << 30))
-
-    def fresh(kind: str) -> Path:
-        latest[kind] = tmp / f"{kind}-{next(count)}"
-        return latest[kind]
-
-    def npy_write() -> None:
-        folder = fresh("npy")
-        folder.mkdir()
-        for i, a in enumerate(arrays.values()):
-            np.save(folder / f"{i}.npy", a)
-
-    def npy_read() -> None:
-        [np.load(latest["npy"] / f"{i}.npy") for i in range(len(arrays))]
-
-    def settle() -> None:  # untimed: drop all but the latest output of each kind, flush, settle the heap
-        for old in set(tmp.iterdir()) - set(latest.values()):
-            shutil.rmtree(old)
-        os.sync()  # no write-back of the previous fn's files runs during the next one
-        _settle()
-
-    try:
-        fns = {"npy_write": npy_write, "npy_read": npy_read,
-               "zarr_write": lambda: save_covariance(fresh("default"), cov),
-               "zarr_read": lambda: load_covariance(latest["default"]),
-               "zarr_compact_write": lambda: save_covariance(fresh("compact"), cov, compressors=COMPACT_CODEC),
-               "zarr_compact_read": lambda: load_covariance(latest["compact"])}
-        print("store:", flush=True)
-        times = timed_round_robin(fns, repeats, warmup=1, sync=lambda: None, prepare=settle)
-        exact = all(torch.equal(load_covariance(latest[k]).sums[g], s) for k in ("default", "compact")
-                    for g, s in cov.sums.items())
-        size = {k: sum(f.stat().st_size for f in latest[d].rglob("*") if f.is_file())
-                for k, d in (("npy", "npy"), ("zarr", "default"), ("zarr_compact", "compact"))}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    med = {k: v["median_s"] for k, v in times.items()}
-    return {"times": times, "bytes": size, "round_trip_exact": exact,
-            "write_ratio": med["zarr_write"] / med["npy_write"], "read_ratio": med["zarr_read"] / med["npy_read"],
-            "size_ratio": size["zarr"] / size["npy"],
-            "compact_write_ratio": med["zarr_compact_write"] / med["npy_write"],
-            "compact_read_ratio": med["zarr_compact_read"] / med["npy_read"],
-            "compact_size_ratio": size["zarr_compact"] / size["npy"]}
-
-
-def _settle() -> None:
-    """Collect garbage and hand freed heap memory back to the OS (glibc), so that each timed store fn allocates
-    its 768 MiB from the same state instead of inheriting, or not, the pages the previous fn freed."""
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def report(out: dict, args: argparse.Namespace) -> str:
     c, nu, sp, st = out["covariance"], out["numerics"], out["spectrum"], out["store"]
     t = TARGETS
@@ -430,7 +333,7 @@ def report(out: dict, args: argparse.Namespace) -> str:
         "previous one deleted untimed; each timed fn started after `os.sync()`, `gc.collect()` and glibc's "
         "`malloc_trim(0)`. "
         f"Round trip bit-exact: {st['round_trip_exact']}. "
-        + (f"Compact (`compressors=COMPACT_CODEC`, Blosc LZ4 level 1, bit shuffle): write "
+        + (f"Compact (`store.compress: true`, i.e. `compressors='compact'`: Blosc LZ4 level 1, bit shuffle): write "
            f"{st['compact_write_ratio']:.2f}×, read {st['compact_read_ratio']:.2f}×, size "
            f"{st['compact_size_ratio']:.2f}× of numpy's." if "compact_write_ratio" in st else
            f"Uncompressed (`compressors=None`): write {st['raw_write_ratio']:.2f}×, read "
