@@ -171,8 +171,9 @@ def task_runner(runner: RunnerConfig) -> TaskRunner:
         from prefect_dask import DaskTaskRunner
 
         local = _DASK.get()  # by address: the flow (and its runner) is pickled with every task, a cluster is not
-        return DaskTaskRunner(address=local.scheduler_address) if local is not None else DaskTaskRunner(
-            address=runner.address, cluster_kwargs=_dask_cluster(runner, threads=1))
+        address = local.scheduler_address if local is not None else runner.address
+        return DaskTaskRunner(address=address) if address else DaskTaskRunner(
+            cluster_kwargs=_dask_cluster(runner, threads=1))
     from prefect_ray import RayTaskRunner
 
     return RayTaskRunner(address=runner.address, init_kwargs=_ray_init(runner, threads=1))

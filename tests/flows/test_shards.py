@@ -1,5 +1,6 @@
 """Sharded covariance and sensitivity: the reduce equals one pass, a failed shard is retried alone, and a rerun after
-an interruption computes only the shards that had not finished. Shards run on Prefect's thread pool, and on Ray."""
+an interruption computes only the shards that had not finished. Shards run on Prefect's thread pool, on Ray and on
+Dask."""
 
 from collections import Counter
 
@@ -174,6 +175,15 @@ def test_shards_on_ray_equal_one_pass(prefect_server, workspace):
         metrics = client.get_run(s.run_id).data.metrics
         assert metrics["torch_threads"] == 1, s  # Ray workers compute with one torch thread
     assert_equal_to_one_pass(ctx, up)
+
+
+def test_a_dask_runner_connects_to_a_given_scheduler_or_starts_its_own():
+    from flows.config import RunnerConfig
+
+    assert shards.task_runner(RunnerConfig(kind="dask", address="tcp://10.0.0.1:8786")).address == "tcp://10.0.0.1:8786"
+    own = shards.task_runner(RunnerConfig(kind="dask", num_cpus=3))
+    assert own.address is None and own.cluster_kwargs["n_workers"] == 3
+    assert own.cluster_kwargs["env"]["OMP_NUM_THREADS"] == "1"
 
 
 def test_shards_on_dask_equal_one_pass(prefect_server, workspace):
