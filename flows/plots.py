@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: headless workers have no display
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 PLOTS = "plots"
@@ -111,13 +112,7 @@ def loss_figure(log_history: Sequence[Mapping[str, Any]]) -> Figure:
         if points:
             steps, losses = zip(*points, strict=True)
             ax.plot(steps, losses, style, marker=".", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("training", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "loss", "training")
 
 
 def loss_comparison_figure(series: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
@@ -127,9 +122,14 @@ def loss_comparison_figure(series: Mapping[str, Sequence[tuple[int, float]]]) ->
         if points:
             steps, losses = zip(*sorted(points), strict=True)
             ax.plot(steps, losses, marker=".", label=label)
+    return _finish(fig, ax, "train loss", "training loss by method and budget")
+
+
+def _finish(fig: Figure, ax: Axes, ylabel: str, title: str) -> Figure:
+    """The loss plots' shared frame: steps on x, a legend, a light grid."""
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss")
-    ax.set_title("training loss by method and budget", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

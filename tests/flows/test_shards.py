@@ -160,20 +160,23 @@ def test_a_reduce_refuses_shards_that_do_not_tile_the_samples(prefect_server, wo
         shards.covariance_reduce.fn(ctx, shards.ReduceParams(calibration=calib, shards=[whole]))
 
 
-def test_shards_on_ray_equal_one_pass(prefect_server, workspace):
+@pytest.mark.parametrize("kind", ["ray", "dask"])
+def test_shards_on_a_cluster_equal_one_pass(prefect_server, workspace, kind):
     import ray
 
-    cfg = workspace(covariance={"shards": 2}, sensitivity={"shards": 2}, runner={"kind": "ray", "num_cpus": 2})
+    from flows.shards import _DASK
+
+    cfg = workspace(covariance={"shards": 2}, sensitivity={"shards": 2}, runner={"kind": kind, "num_cpus": 2})
     ctx = context(cfg)
     try:
         up = prepare_task(ctx, cfg, [Method()])
     finally:
-        assert not ray.is_initialized()  # the runner shut its local Ray down
+        assert not ray.is_initialized() and _DASK.get() is None  # the runner shut its local cluster down
     assert len(up.shards) == 4 and not any(s.reused for s in up.shards)
     client = ctx.tracker().client
     for s in up.shards:
         metrics = client.get_run(s.run_id).data.metrics
-        assert metrics["torch_threads"] == 1, s  # Ray workers compute with one torch thread
+        assert metrics["torch_threads"] == 1, s  # the cluster's workers compute with one torch thread
     assert_equal_to_one_pass(ctx, up)
 
 
@@ -184,18 +187,3 @@ def test_a_dask_runner_connects_to_a_given_scheduler_or_starts_its_own():
     own = shards.task_runner(RunnerConfig(kind="dask", num_cpus=3))
     assert own.address is None and own.cluster_kwargs["n_workers"] == 3
     assert own.cluster_kwargs["env"]["OMP_NUM_THREADS"] == "1"
-
-
-def test_shards_on_dask_equal_one_pass(prefect_server, workspace):
-    from flows.shards import _DASK
-
-    cfg = workspace(covariance={"shards": 2}, sensitivity={"shards": 2}, runner={"kind": "dask", "num_cpus": 2})
-    ctx = context(cfg)
-    up = prepare_task(ctx, cfg, [Method()])
-    assert _DASK.get() is None  # the local cluster was closed
-    assert len(up.shards) == 4 and not any(s.reused for s in up.shards)
-    client = ctx.tracker().client
-    for s in up.shards:
-        metrics = client.get_run(s.run_id).data.metrics
-        assert metrics["torch_threads"] == 1, s  # Dask workers compute with one torch thread
-    assert_equal_to_one_pass(ctx, up)
