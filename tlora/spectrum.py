@@ -214,12 +214,12 @@ def _gram(m: torch.Tensor, r: int, *, certify: bool = False
     """Eigen-solve the smaller Gram matrix for its top ``r + 1`` pairs; also return their σ (descending) for the
     error bound, and, with ``certify``, whether the top r eigenvectors' residuals pass :func:`_ritz_converged`
     for every prefix."""
-    right = m.shape[1] <= m.shape[0]
+    right = _gram_is_right(m)
     n = min(m.shape)
     k = min(r + 1, n)  # σ_r+1 closes the last gap of both certificates
     subset = m.device.type == "cpu" and SUBSET_RATIO * k <= n  # else a full eigh is as cheap (measured)
     found = _top_gram_eigh_lapack(m, right, k, r) if subset else None
-    lam, x, gx = found if found is not None else _top_gram_eigh_torch(m, right, k, r)
+    lam, x, gx = found if found is not None else _top_gram_eigh_torch(m, k, r)
     x = x[:, :r]  # right singular vectors (MᵀM) or left ones (MMᵀ)
     certified = False
     if certify:  # the residuals of the computed pairs against the same Gram, as the randomized solver does
@@ -289,10 +289,9 @@ def _top_eigh(gram: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor] | N
     return torch.from_numpy(w[n - k:][::-1].copy()), x
 
 
-def _top_gram_eigh_torch(m: torch.Tensor, right: bool, k: int, r: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _top_gram_eigh_torch(m: torch.Tensor, k: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As :func:`_top_gram_eigh_lapack`, on any device: the full Gram product and a full ``torch.linalg.eigh``."""
-    gram = m.T @ m if right else m @ m.T
+    gram, _ = _smaller_gram(m)
     lam, q = torch.linalg.eigh(gram)  # ascending
     lam, x = lam.flip(0)[:k], q.flip(1)[:, :k]
     return lam, x, gram @ x[:, :r]
@@ -300,8 +299,13 @@ def _top_gram_eigh_torch(m: torch.Tensor, right: bool, k: int, r: int
 
 def _smaller_gram(m: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The smaller Gram matrix of ``m`` and whether it is MᵀM (right singular vectors) rather than MMᵀ."""
-    right = m.shape[1] <= m.shape[0]
+    right = _gram_is_right(m)
     return (m.T @ m if right else m @ m.T), right
+
+
+def _gram_is_right(m: torch.Tensor) -> bool:
+    """Whether MᵀM (d_in wide: right singular vectors) is the smaller Gram matrix, rather than MMᵀ."""
+    return m.shape[1] <= m.shape[0]
 
 
 def _block(r: int) -> int:

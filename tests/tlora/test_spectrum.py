@@ -268,7 +268,7 @@ def test_lapack_top_pairs_equal_torch_full_eigh(shape):
     m = synthetic(*shape, SPECTRA["clear"], seed=1)
     right = shape[1] <= shape[0]
     lam_l, x_l, gx_l = spectrum_module._top_gram_eigh_lapack(m, right, r + 1, r)
-    lam_t, x_t, _ = spectrum_module._top_gram_eigh_torch(m, right, r + 1, r)
+    lam_t, x_t, _ = spectrum_module._top_gram_eigh_torch(m, r + 1, r)
     gram = (m.T @ m if right else m @ m.T).numpy()
     assert lam_l.shape == lam_t.shape == (r + 1,) and x_l.shape == x_t.shape == (min(shape), r + 1)
     assert torch.allclose(lam_l, lam_t, rtol=0, atol=1e-13)
