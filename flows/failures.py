@@ -124,17 +124,16 @@ def crash_orphans(limit: int = 200) -> int:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
-    from flows.lineage import process_alive, process_id
+    from flows.lineage import orphaned
 
     unfinished = [StateType.RUNNING, StateType.PENDING]
-    here = process_id().rsplit("/", 2)[0]
     try:
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))), limit=limit)
             owners = {run.id: next((t[len(PROCESS_TAG):] for t in run.tags if t.startswith(PROCESS_TAG)), "")
                       for run in runs}
-            dead = {i: o for i, o in owners.items() if o.rsplit("/", 2)[0] == here and not process_alive(o)}
+            dead = {i: o for i, o in owners.items() if orphaned(o)}
             if not dead:
                 return 0
             tasks = client.read_task_runs(

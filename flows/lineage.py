@@ -184,11 +184,9 @@ class Tracker:
         Runs of other machines, and of live processes here, are left alone: nothing here can tell whether they
         still run.
         """
-        here = process_id().rsplit("/", 2)[0]
         runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                        max_results=1000)
-        dead = [r.info.run_id for r in runs if (owner := r.data.tags.get(TAG_PROCESS, "")).rsplit("/", 2)[0] == here
-                and not process_alive(owner)]
+        dead = [r.info.run_id for r in runs if orphaned(r.data.tags.get(TAG_PROCESS, ""))]
         for run_id in dead:
             self.client.set_terminated(run_id, "KILLED")
         if dead:
@@ -219,6 +217,12 @@ def process_id(pid: int | None = None) -> str:
     pid reuse and containers."""
     pid = os.getpid() if pid is None else pid
     return f"{socket.gethostname()}/{_boot_id()}/{pid}/{_start_time(pid)}"
+
+
+def orphaned(owner: str) -> bool:
+    """Whether ``owner`` (a :func:`process_id`) names a process of this machine that no longer runs; runs of other
+    machines, and of live processes here, cannot be judged from here."""
+    return owner.rsplit("/", 2)[0] == process_id().rsplit("/", 2)[0] and not process_alive(owner)
 
 
 def process_alive(owner: str) -> bool:

@@ -33,7 +33,7 @@ STAGE_VERSIONS = {"model": 1, "calibration": 1, "covariance": 1, "spectrum": 1, 
                   "init": 1, "train": 1, "evaluate": 1, "merge": 1}
 """Bump a stage's version when its computation or artifact format changes: its key and all below it change."""
 STAMP_MARGIN_S = 2.0
-"""A verification stamp is written only for files last changed this long before (see :func:`verified`)."""
+"""A verification stamp is written only for files last changed this long before (``Store.verify``)."""
 UNKEYED = {"keyed": False}
 """``Field(json_schema_extra=UNKEYED)``: a setting that does not change the artifact (batch size, paths)."""
 
@@ -149,13 +149,8 @@ def prefect_cache_key(stage: str, _task_ctx: Any, inputs: dict[str, Any]) -> str
     """``<stage>-<key>-<artifact digest>`` when the artifact verifies, else None: no cache entry is trusted."""
     ctx, params = inputs["ctx"], inputs["params"]
     key = params.key(stage)
-    manifest = verified(ctx, stage, key)
+    manifest = ctx.store().verify(stage, key)
     return None if manifest is None else f"{stage}-{key}-{manifest.digest[:16]}"
-
-
-def verified(ctx: RunContext, stage: str, key: str, store: Store | None = None) -> Manifest | None:
-    """``Store.verify`` of the configured store (stamped: unchanged files are not hashed again)."""
-    return (store or ctx.store()).verify(stage, key)
 
 
 def run_stage(ctx: RunContext, stage: str, params: StageParams, compute: Compute) -> StageResult:
@@ -164,7 +159,7 @@ def run_stage(ctx: RunContext, stage: str, params: StageParams, compute: Compute
     store, tracker = ctx.store(), ctx.tracker()
     uri = store.uri(stage, key)
     with store.lock(stage, key):
-        manifest = verified(ctx, stage, key, store)
+        manifest = store.verify(stage, key)
         if manifest is not None:
             return StageResult(stage=stage, key=key, uri=uri, run_id=manifest.run_id,
                                parent_run_id=manifest.parent_run_id)

@@ -13,7 +13,7 @@ from pydantic import Field
 import flows.stage
 import flows.store
 from flows.adapt import AllocationParams
-from flows.stage import UNKEYED, StageOutput, StageParams, StageResult, prefect_cache_key, run_stage, verified
+from flows.stage import UNKEYED, StageOutput, StageParams, StageResult, prefect_cache_key, run_stage
 from tests.flows.conftest import REPO, context
 from tlora.methods import Method
 
@@ -106,13 +106,13 @@ def test_a_verified_artifact_is_hashed_again_only_once_a_file_changes(workspace,
     real = flows.store._sha256
     monkeypatch.setattr(flows.store, "_sha256", lambda path: hashed.append(path) or real(path))
     time.sleep(0.1)
-    first = verified(ctx, STAGE, result.key)
+    first = ctx.store().verify(STAGE, result.key)
     assert first is not None and len(hashed) == 1  # value.json, in full, then stamped
-    assert verified(ctx, STAGE, result.key) == first and ctx.open(result) == Path(result.uri)
+    assert ctx.store().verify(STAGE, result.key) == first and ctx.open(result) == Path(result.uri)
     assert prefect_cache_key(STAGE, None, {"ctx": ctx, "params": params}) is not None and len(hashed) == 1
     time.sleep(0.05)
     (Path(result.uri) / "value.json").write_text('{"value": 8}')  # same size, other bytes
-    assert verified(ctx, STAGE, result.key) is None and len(hashed) == 2
+    assert ctx.store().verify(STAGE, result.key) is None and len(hashed) == 2
     assert prefect_cache_key(STAGE, None, {"ctx": ctx, "params": params}) is None
     with pytest.raises(FileNotFoundError):
         ctx.open(result)
