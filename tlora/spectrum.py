@@ -11,10 +11,14 @@ Gram matrix (MᵀM, or MMᵀ when d_out < d_in, then V = MᵀU/σ). Squaring M s
 ``auto`` keeps the gram result only where it is certified: either a priori, where a Davis–Kahan bound puts
 every prefix subspace within ``GRAM_TOLERANCE`` of the exact one, or a posteriori, where the computed
 eigenpairs' residuals against the Gram pass the same per-prefix test as the randomized solver below
-(:func:`_ritz_converged`). It falls back to ``exact`` per module elsewhere. Both certificates need only the
+(:func:`_ritz_certified`). Where only a leading part is certified (a Gram's dynamic range: an LLM's massive
+activations), ``auto`` deflates that part and solves the rest again (:func:`_certified_gram`); it falls back
+to ``exact`` per module where that does not certify every prefix either. Both certificates need only the
 top r + 1 eigenpairs (σ_r+1 closes the last gap), so on CPU the gram solver forms one triangle of the Gram
 (BLAS SYRK) and asks LAPACK for those r + 1 pairs alone (:func:`_top_eigh`): the tridiagonal reduction is
-then most of its cost (elsewhere: the full Gram product and a full ``torch.linalg.eigh``).
+then most of its cost (elsewhere: the full Gram product and a full ``torch.linalg.eigh``). For a tall W0
+(an MLP's up and gate projections) ``auto`` solves the square R·S, R the Cholesky factor of W0ᵀW0, which has
+the same right singular pairs at 0.6× the work (:func:`_gram_operand`).
 ``randomized`` is block subspace iteration on the smaller Gram matrix with a block of ``2·r`` vectors,
 finished by a Rayleigh–Ritz step on M itself (the SVD of the thin ``M·Q``); it stops when the Ritz
 residuals put every prefix within ``RANDOMIZED_SINE`` of its exact subspace, or, for a prefix whose last
@@ -38,8 +42,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy.linalg.blas import dsymm, dsyrk
-from scipy.linalg.lapack import dstein, dsterf, dsytrd, dsytrd_lwork
+from scipy.linalg.blas import dsymm, dsyrk, dtrmm
+from scipy.linalg.lapack import dpotrf, dstein, dsterf, dsytrd, dsytrd_lwork
 from torch import nn
 
 from tlora._zarr_store import open_complete, read_float64, write_matrix, writing
@@ -59,6 +63,12 @@ RANDOMIZED_ENERGY = 1e-10
 NEAR_GAP = 1e-2
 """Relative gap (σ_k − σ_k+1)/σ_k below which prefix k is judged by energy instead of angle."""
 RANDOMIZED_MAX_ITER = 24
+PEEL_ROUNDS = 3
+"""Most gram solves per module in ``auto``, each after deflating the leading vectors the last one certified."""
+R_SCALE_LIMIT = 1e3
+"""Largest ratio of the R·S operand's rounding scale ‖W0ᵀW0‖_F·‖S‖²_F to σ₁² at which ``auto`` keeps its solve
+(20–224 on SmolLM2's MLPs): beyond it W0·S is formed, as for the other modules."""
+"""Most gram solves per module in ``auto``, each after deflating the leading vectors the last one certified."""
 SUBSET_RATIO = 3
 """On CPU the gram solver asks LAPACK for the top k = r + 1 pairs only where SUBSET_RATIO·k ≤ n (the Gram's
 width); past that a full ``eigh`` is as cheap (1 thread, Gram product included: k = 65 of n = 576, 21–34 ms
@@ -131,21 +141,21 @@ def compute_spectrum(
         if group not in cache:
             cache = {group: covariance.sums[group].to(weight.device)}
         # W0·S = n·M (C = S/n): the same singular vectors, σ scaled by n, and no pass over S to divide it.
-        m = weight.detach().to(torch.float64) @ cache[group]  # [d_out, d_in]
-        r = min(r_max, *m.shape)
-        v, s, used[name] = _top_right_singular(m, r, solver)
+        r = min(r_max, *weight.shape)
+        v, s, used[name] = _top_right_singular(weight.detach(), cache[group], r, solver)
         vectors[name], values[name] = _fix_signs(v).cpu(), (s / covariance.n_samples).cpu()
     log.info("spectrum of %d modules (r_max=%d): %s", len(used), r_max,
              ", ".join(f"{sum(u == k for u in used.values())} {k}" for k in ("randomized", "gram", "exact")))
     return Spectrum(vectors=vectors, values=values, r_max=r_max, solver=used, model_fingerprint=fingerprint)
 
 
-def gram_error_bound(sigma: torch.Tensor, r: int, d_in: int, d_out: int) -> float:
+def gram_error_bound(sigma: torch.Tensor, r: int, d_in: int, d_out: int, *, scale: float | None = None) -> float:
     """Estimated largest sin θ between the gram and exact spans of the top-k vectors, over k = 1..r.
 
     ``sigma`` holds M's singular values as the gram solver sees them (descending, all of the Gram's
     dimension). Forming the Gram and eigh perturb it by about ``eps·(d_in + d_out)·σ₁²``; Davis–Kahan turns
     that into ``sin θ_k ≲ eps·(d_in + d_out)·σ₁² / (σ_k² − σ_{k+1}²)``, with σ beyond rank M equal to 0.
+    ``scale`` replaces σ₁² where it is larger: a Gram formed through W0ᵀW0 (:func:`_gram_operand`).
     """
     lam = sigma.to(torch.float64).square()
     if r >= d_in:  # the top-d_in right singular space is all of R^d_in: nothing to get wrong
@@ -156,7 +166,7 @@ def gram_error_bound(sigma: torch.Tensor, r: int, d_in: int, d_out: int) -> floa
     gaps = (lam - nxt)[:r]
     if lam[0] <= 0 or bool((gaps <= 0).any()):
         return float("inf")
-    return float(_EPS * (d_in + d_out) * lam[0] / gaps.min())
+    return float(_EPS * (d_in + d_out) * max(float(lam[0]), scale or 0.0) / gaps.min())
 
 
 def save_spectrum(path: str | Path, spectrum: Spectrum, *, compressors: Any = "default") -> None:
@@ -191,17 +201,91 @@ def load_spectrum(path: str | Path) -> Spectrum:
         raise ValueError(f"spectrum store {path} is malformed: missing {err}") from err
 
 
-def _top_right_singular(m: torch.Tensor, r: int, solver: Solver) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Top-r right singular vectors ``[r, d_in]`` and values ``[r]`` of m, and the solver that made them."""
+def _top_right_singular(weight: torch.Tensor, s: torch.Tensor, r: int, solver: Solver
+                        ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Top-r right singular vectors ``[r, d_in]`` and values ``[r]`` of W0·S, and the solver that made them."""
     if solver == "exact":
-        return (*_exact(m, r), "exact")
+        return (*_exact(_product(weight, s), r), "exact")
     if solver == "randomized":
+        m = _product(weight, s)
         found = _randomized(m, r)
         return (*found, "randomized") if found is not None else (*_exact(m, r), "exact")
-    v, s, sigma, certified = _gram(m, r, certify=solver == "auto")
-    if solver == "gram" or certified or gram_error_bound(sigma, r, m.shape[1], m.shape[0]) <= GRAM_TOLERANCE:
-        return v, s, "gram"
-    return (*_exact(m, r), "exact")
+    if solver == "gram":
+        v, sv, _, _ = _gram(_product(weight, s), r)
+        return v, sv, "gram"
+    m, scale = _gram_operand(weight, s)
+    if scale is not None:  # R·S: kept where one solve certifies it and W0ᵀW0's rounding stays small beside σ₁²
+        v, sv, sigma, ok = _gram(m, r, certify=True)
+        trusted = bool(ok.all()) and scale <= R_SCALE_LIMIT * float(sigma[0]) ** 2
+        if trusted or gram_error_bound(sigma, r, *reversed(weight.shape), scale=scale) <= GRAM_TOLERANCE:
+            return v, sv, "gram"
+        m = _product(weight, s)  # R lost what squaring W0 hides: deflation needs W0·S itself
+    found = _certified_gram(m, r)
+    return (*found, "gram") if found is not None else (*_exact(m, r), "exact")
+
+
+def _certified_gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gram solution of M where it is certified for every prefix, peeling certified leading vectors off;
+    else None.
+
+    Where the Gram's dynamic range hides the lower vectors (an LLM's massive activations: σ₁/σ₂ up to ~1e5
+    in a down projection, so eigh of the Gram resolves σ² only to ~eps·σ₁²), the leading prefix that is
+    certified at a clear gap is kept, deflated (M ← M − M·VᵀV, which leaves the other singular pairs as they
+    are), and the rest solved again at the smaller σ₁ (at most ``PEEL_ROUNDS`` solves; ~2 Gram solves instead
+    of an SVD). Each prefix of the result is certified by the solve that made it.
+    """
+    d_out, d_in = m.shape
+    rows, vals, done, scale = [], [], 0, None
+    for _ in range(PEEL_ROUNDS):
+        v, sv, sigma, ok = _gram(m, r - done, certify=True)
+        if bool(ok.all()) or gram_error_bound(sigma, r - done, d_in, d_out, scale=scale) <= GRAM_TOLERANCE:
+            rows.append(v), vals.append(sv)
+            break
+        run = int(ok.int().cumprod(0).sum())  # the leading prefixes that are certified
+        clear = (sigma[1:run + 1] < (1 - NEAR_GAP) * sigma[:run]).nonzero()  # ... and end at a clear gap
+        if len(clear) == 0:
+            return None
+        kept = int(clear.max()) + 1
+        rows.append(v[:kept]), vals.append(sv[:kept])
+        done += kept
+        scale = scale or float(sigma[0]) ** 2  # M's rounding stays at the first solve's σ₁², not the deflated one's
+        m = m - (m @ v[:kept].T) @ v[:kept]
+    else:
+        return None
+    if len(rows) == 1:
+        return rows[0], vals[0]
+    q, tri = torch.linalg.qr(torch.cat(rows).T)  # the pieces are orthogonal up to rounding: make it exact
+    return (q * torch.where(tri.diagonal() < 0, -1.0, 1.0)).T, torch.cat(vals)
+
+
+def _product(weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """W0·S in float64 ``[d_out, d_in]``; on CPU by numpy's BLAS (OpenBLAS: ~14 % faster than torch's MKL here)."""
+    if weight.device.type != "cpu":
+        return weight.to(torch.float64) @ s
+    return torch.from_numpy(weight.to(torch.float64).numpy() @ s.numpy())
+
+
+def _gram_operand(weight: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """A matrix with the right singular pairs of W0·S for the gram solver, and its error scale for the bound.
+
+    W0·S itself (scale ``None``), except on CPU for a tall weight (d_out > 7/6·d_in: an MLP's up and gate
+    projections), where R·S is ``[d_in, d_in]``, with R the Cholesky factor of W0ᵀW0 (RᵀR = W0ᵀW0, so
+    (R·S)ᵀ(R·S) = (W0·S)ᵀ(W0·S)): W0ᵀW0 by SYRK, its Cholesky, R·S by TRMM and the Gram by SYRK cost
+    d_out·d_in²/2 + 7/6·d_in³ multiply-adds against 3/2·d_out·d_in² for W0·S and its Gram (0.6× at 1536 × 576).
+    Squaring W0 makes the Gram's rounding scale with ‖W0‖²‖S‖² rather than σ₁²: ``scale`` is the Frobenius
+    bound ‖W0ᵀW0‖_F·‖S‖²_F of it, for :func:`gram_error_bound`. W0·S where W0ᵀW0 is not positive definite.
+    """
+    d_out, d_in = weight.shape
+    if weight.device.type != "cpu" or 6 * d_out <= 7 * d_in:
+        return _product(weight, s), None
+    w = weight.to(torch.float64).numpy()
+    k = dsyrk(1.0, w.T, trans=0, lower=1)  # lower triangle of W0ᵀW0, zeros above (w.T: Fortran order, no copy)
+    scale = float(np.sqrt(2 * np.square(k).sum() - np.square(k.diagonal()).sum())) * float(s.square().sum())
+    chol, info = dpotrf(k, lower=1, overwrite_a=1)
+    if info:
+        return _product(weight, s), None
+    rs_t = dtrmm(1.0, chol, s.numpy().T, side=1, lower=1)  # S·L = (Lᵀ·S)ᵀ = (R·S)ᵀ, Fortran order: R·S in C order
+    return torch.from_numpy(rs_t.T), scale
 
 
 def _exact(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,10 +294,10 @@ def _exact(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gram(m: torch.Tensor, r: int, *, certify: bool = False
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigen-solve the smaller Gram matrix for its top ``r + 1`` pairs; also return their σ (descending) for the
-    error bound, and, with ``certify``, whether the top r eigenvectors' residuals pass :func:`_ritz_converged`
-    for every prefix."""
+    error bound, and, with ``certify``, per prefix k = 1..r whether the top eigenvectors' residuals pass
+    :func:`_ritz_certified` (all False without)."""
     right = _gram_is_right(m)
     n = min(m.shape)
     k = min(r + 1, n)  # σ_r+1 closes the last gap of both certificates
@@ -221,10 +305,10 @@ def _gram(m: torch.Tensor, r: int, *, certify: bool = False
     found = _top_gram_eigh_lapack(m, right, k, r) if subset else None
     lam, x, gx = found if found is not None else _top_gram_eigh_torch(m, k, r)
     x = x[:, :r]  # right singular vectors (MᵀM) or left ones (MMᵀ)
-    certified = False
+    certified = torch.zeros(r, dtype=torch.bool)
     if certify:  # the residuals of the computed pairs against the same Gram, as the randomized solver does
         residual = torch.linalg.vector_norm(gx - x * lam[:r], dim=0)
-        certified = _ritz_converged(lam, residual, r, n)
+        certified = _ritz_certified(lam, residual, r, n)
     if right:
         v = x  # [d_in, r]
         s = torch.linalg.vector_norm(m @ v, dim=0)  # ‖Mv‖: second order in v's error, unlike sqrt(λ)
@@ -354,14 +438,19 @@ def _randomized(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | 
 
 
 def _ritz_converged(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int) -> bool:
-    """Whether the residuals put every prefix k ≤ r within tolerance of the exact (see module docstring).
+    """Whether the residuals put every prefix k ≤ r within tolerance (:func:`_ritz_certified`)."""
+    return bool(_ritz_certified(theta, residual, r, n).all())
+
+
+def _ritz_certified(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int) -> torch.Tensor:
+    """Per prefix k = 1..r, whether the residuals put it within tolerance of the exact (see module docstring).
 
     θ (descending, l ≥ r + 1 values) estimate λ = σ²; Davis–Kahan gives sin θ_k ≲ ‖R_k‖_F / (θ_k − θ_k+1),
     Kato–Temple λ_i − θ_i ≲ ‖r_i‖² / (θ_i − θ_l), θ_l the smallest Ritz value of the block.
     """
     theta = theta.clamp(min=0)
     if r >= n or theta[0] <= 0:
-        return r >= n
+        return torch.full((r,), r >= n)
     lam = theta[: r + 1]
     res2 = residual.square().cumsum(0)  # ‖R_k‖²_F
     gap = lam[:r] - lam[1:]
@@ -370,8 +459,7 @@ def _ritz_converged(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int)
     energy = (residual.square() / outer).cumsum(0) / lam[:r].cumsum(0)
     sigma = lam.sqrt()
     near = (sigma[:r] - sigma[1:]) < NEAR_GAP * sigma[:r]
-    ok = (sine <= RANDOMIZED_SINE) | (near & (energy <= RANDOMIZED_ENERGY))
-    return bool(ok.all())
+    return (sine <= RANDOMIZED_SINE) | (near & (energy <= RANDOMIZED_ENERGY))
 
 
 def _fix_signs(v: torch.Tensor) -> torch.Tensor:

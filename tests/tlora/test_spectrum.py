@@ -95,18 +95,28 @@ def constructed(model, name: str, sigma: np.ndarray) -> Covariance:
     return Covariance(sums={name: eye}, modules={name: name}, n_tokens=1, n_samples=1)
 
 
-def test_auto_falls_back_to_exact_when_the_gap_is_tiny(tiny_model):
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"])  # MᵀM, MMᵀ
+def test_auto_peels_a_dominant_vector_off_or_falls_back_to_exact(name, tiny_model, monkeypatch):
     model = tiny_model("llama", dtype=torch.float64)
-    name = "model.layers.0.mlp.gate_proj"  # [48, 32]
     clear = np.linspace(1.0, 0.1, 32)
     cov = constructed(model, name, clear)
     assert compute_spectrum(model, cov, 8, solver="auto").solver[name] == "gram"
-    # Squaring M squares its condition: σ₂² − σ₃² is ~1e-12·σ₁², below what eigh of MᵀM resolves.
+    # Squaring M squares its condition: σ₂² − σ₃² is ~1e-12·σ₁², below what eigh of the Gram resolves
+    # (as in an LLM's down projection, whose massive activations put σ₁/σ₂ at ~1e5).
     near = np.concatenate([[1.0, 1e-6, 5e-7], np.linspace(1e-7, 1e-8, 29)])
     cov = constructed(model, name, near)
     vh, s = oracle(model, cov, name)
     gram = compute_spectrum(model, cov, 8, solver="gram")
     assert projector_gap(gram.vectors[name][:2].numpy(), vh[:2]) > GRAM_TOLERANCE  # the trap is real
+    # auto certifies the first vector, deflates it, and solves the rest at σ₁ = 1e-6, where the gaps resolve.
+    spectrum = compute_spectrum(model, cov, 8, solver="auto")
+    assert spectrum.solver[name] == "gram"
+    v = spectrum.vectors[name].numpy()
+    assert np.abs(v @ v.T - np.eye(8)).max() < 1e-12
+    for k in clear_prefixes(s, 8, v.shape[1]):
+        assert projector_gap(v[:k], vh[:k]) < 1e-8, k
+    assert np.abs(spectrum.values[name].numpy() - s[:8]).max() < 1e-12
+    monkeypatch.setattr(spectrum_module, "PEEL_ROUNDS", 1)  # no deflation: the exact SVD takes over
     spectrum = compute_spectrum(model, cov, 8, solver="auto")
     assert spectrum.solver[name] == "exact"
     for k in (1, 2, 3):
@@ -259,7 +269,7 @@ def test_gram_top_pairs_match_numpy_svd(shape, kind):
     assert abs(energy[0] / energy[1] - 1) < 1e-12  # across the near pairs too
     # Past a rank-deficient M's rank (σ_6 = σ_7 = 0) the prefixes are judged by energy, on noise-level σ:
     # whether they pass is not asserted; the vectors are right either way (above).
-    assert certified or kind == "rank_deficient"
+    assert bool(certified.all()) or kind == "rank_deficient"
 
 
 @pytest.mark.parametrize("shape", [(150, 60), (60, 150)])
@@ -291,7 +301,7 @@ def test_lapack_failure_takes_the_full_eigh(routine, monkeypatch):
     monkeypatch.setattr(spectrum_module, routine, failing)
     assert spectrum_module._top_gram_eigh_lapack(m, True, 9, 8) is None
     v, s, sigma, certified = spectrum_module._gram(m, 8, certify=True)
-    assert certified and expected[3]
+    assert bool(certified.all()) and bool(expected[3].all())
     assert projector_gap(v.numpy(), expected[0].numpy()) < 1e-10
     assert torch.allclose(s, expected[1], rtol=1e-13, atol=0)
     assert len(sigma) == len(expected[2]) == 9
@@ -302,5 +312,45 @@ def test_gram_of_a_zero_matrix_is_finite(shape):
     m = torch.zeros(shape, dtype=torch.float64)  # T = 0: inverse iteration has nothing to work on
     assert spectrum_module._top_gram_eigh_lapack(m, shape[1] <= shape[0], 9, 8) is None  # so torch's eigh
     v, s, _, certified = spectrum_module._gram(m, 8, certify=True)
-    assert not certified and bool(torch.isfinite(v).all()) and bool((s == 0).all())
+    assert not bool(certified.all()) and bool(torch.isfinite(v).all()) and bool((s == 0).all())
     assert (v @ v.T - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-12
+
+
+def test_tall_weight_operand_has_the_right_singular_pairs_of_w0_s():
+    rng = np.random.default_rng(3)
+    w = torch.from_numpy(rng.standard_normal((150, 60)))  # d_out > 7/6·d_in: R·S, [60, 60]
+    x = rng.standard_normal((400, 60)) * np.exp(rng.standard_normal(60))
+    s = torch.from_numpy(x.T @ x)
+    m, scale = spectrum_module._gram_operand(w, s)
+    assert m.shape == (60, 60) and m.is_contiguous()
+    _, sv_ref, vh_ref = np.linalg.svd(w.numpy() @ s.numpy())
+    _, sv, vh = np.linalg.svd(m.numpy())
+    assert np.abs(sv / sv_ref - 1).max() < 1e-10
+    assert np.abs(np.abs((vh * vh_ref).sum(1)) - 1).max() < 1e-10  # the same vectors up to sign (distinct σ)
+    assert scale >= sv_ref[0] ** 2  # the Frobenius bound of ‖W0‖²·‖S‖²
+    square, none = spectrum_module._gram_operand(w[:66], s)  # 66 ≤ 7/6·60: W0·S itself
+    assert none is None and (square - w[:66] @ s).abs().max() < 1e-12 * (w[:66].abs() @ s.abs()).max()
+    w[:, 5] = 0  # W0ᵀW0 singular: no Cholesky factor, W0·S itself
+    product, none = spectrum_module._gram_operand(w, s)
+    assert none is None and product.shape == (150, 60)
+
+
+def test_auto_forms_w0_s_where_the_tall_operand_is_not_trusted(tiny_model, samples, batches, monkeypatch):
+    model = tiny_model("llama", dtype=torch.float64)
+    cov = covariance_of(model, samples, batches)
+    name = "model.layers.0.mlp.gate_proj"  # [48, 32]: the R·S operand
+    vh, s = oracle(model, cov, name)
+    products = []
+    real = spectrum_module._product
+    monkeypatch.setattr(spectrum_module, "_product", lambda *a: products.append(1) or real(*a))
+    trusted = compute_spectrum(model, cov, 8, modules=[name], solver="auto")
+    assert trusted.solver[name] == "gram" and not products  # W0·S never formed
+    monkeypatch.setattr(spectrum_module, "R_SCALE_LIMIT", 0.0)  # neither certificate trusts R·S now
+    monkeypatch.setattr(spectrum_module, "GRAM_TOLERANCE", 0.0)
+    formed = compute_spectrum(model, cov, 8, modules=[name], solver="auto")
+    assert formed.solver[name] == "gram" and len(products) == 1
+    for spectrum in (trusted, formed):
+        v = spectrum.vectors[name].numpy()
+        for k in clear_prefixes(s, 8, 32):
+            assert projector_gap(v[:k], vh[:k]) < 1e-8, k
+        assert np.abs(spectrum.values[name].numpy() - s[:8]).max() < 1e-10 * s[0]
