@@ -6,12 +6,15 @@ Matrices are stored whole (DESIGN §2: one ``[d_in, d_in]`` float64 array per sh
 blocks of whole rows (≤ 32 MiB each), every chunk written even when it is all zeros, and by default uncompressed
 (:data:`CODEC`). A plain ``zarr.open_group`` reads every store; :func:`read_float64` reads the uncompressed chunks
 of a local store straight into the result (one copy, as ``numpy.load`` does) instead of through zarr's codec
-pipeline, which reads each chunk into a buffer of its own and then copies it into the output. Writing goes through
-zarr: writing the chunk files directly measured no faster (the ``write`` calls and zarr's metadata dominate).
+pipeline, which reads each chunk into a buffer of its own and then copies it into the output. Writing an
+uncompressed array to a local store is likewise direct (:func:`_write_raw`: the ``zarr.json`` zarr makes, then the
+chunk files, the same bytes as zarr's own write); zarr's per-array metadata round trips and codec pipeline cost
+more than the bytes' own write. Compressed or remote arrays go through zarr both ways.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +24,10 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata.v3 import ArrayV3Metadata
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, MemoryStore
 
 
 @contextmanager
@@ -70,12 +74,48 @@ def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compresso
     width = values.shape[1] if values.ndim == 2 else 1
     n_chunks = max(1, -(-values.shape[0] * width // _CHUNK_VALUES))  # ceil
     rows = max(1, -(-values.shape[0] // n_chunks))  # equal blocks of rows: the last is padded by < n_chunks rows
+    codecs = _NAMED.get(compressors, compressors) if isinstance(compressors, str) else compressors
+    if codecs is None and isinstance(root.store, LocalStore):
+        folder = Path(root.store.root) / root.path
+        for part in name.split("/")[:-1]:  # parent groups, as zarr makes them for a nested name
+            folder = folder / part
+            if not folder.is_dir():
+                folder.mkdir()
+                (folder / "zarr.json").write_bytes(_metadata(None, 0))
+        _write_raw(folder / name.split("/")[-1], values, rows)
+        return
     # write_empty_chunks: every chunk lands on disk (an all-zero one too), and zarr skips its scan for them.
     arr = root.create_array(name=name, shape=values.shape, dtype="float64", chunks=(rows, *values.shape[1:]),
-                            compressors=_NAMED.get(compressors, compressors) if isinstance(compressors, str)
-                            else compressors,
-                            config={"write_empty_chunks": True})
+                            compressors=codecs, config={"write_empty_chunks": True})
     arr[...] = values
+
+
+def _write_raw(folder: Path, values: np.ndarray, rows: int) -> None:
+    """Write an uncompressed array as zarr would (the same ``zarr.json`` and chunk files, byte for byte: tested),
+    without zarr's per-array overhead (its metadata round trips and codec pipeline cost more than the bytes'
+    own write): the metadata zarr makes for the shape, then each chunk's C-order bytes, the last padded with the
+    fill value 0."""
+    folder.mkdir()
+    (folder / "zarr.json").write_bytes(_metadata(values.shape, rows))
+    for i in range(-(-values.shape[0] // rows)):
+        path = folder / "c" / str(i) / "0" if values.ndim == 2 else folder / "c" / str(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        chunk = values[i * rows: (i + 1) * rows]
+        with open(path, "wb") as fh:
+            chunk.tofile(fh)  # as numpy.save: measured steadier than one write() of the whole buffer
+            fh.write(bytes((rows - len(chunk)) * chunk[:1].nbytes))
+
+
+@functools.lru_cache(maxsize=256)
+def _metadata(shape: tuple[int, ...] | None, rows: int) -> bytes:
+    """The ``zarr.json`` zarr writes for an uncompressed float64 array of this shape and chunk rows, or for an
+    empty group (``shape`` None)."""
+    if shape is None:
+        node = zarr.create_group(store=MemoryStore())
+    else:
+        node = zarr.create_array(store=MemoryStore(), shape=shape, chunks=(rows, *shape[1:]), dtype="float64",
+                                 compressors=None)
+    return node.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
 def _raw_chunk_files(array: zarr.Array) -> list[Path] | None:

@@ -177,9 +177,8 @@ def save_spectrum(path: str | Path, spectrum: Spectrum, *, compressors: Any = "d
     """
     with writing(path) as root:
         for name, vec in spectrum.vectors.items():
-            node = root.create_group(name)
             for key, t in (("vectors", vec), ("values", spectrum.values[name])):
-                write_matrix(node, key, t, compressors=compressors)
+                write_matrix(root, f"{name}/{key}", t, compressors=compressors)
         root.attrs.update({"modules": list(spectrum.vectors), "r_max": spectrum.r_max, "solver": spectrum.solver,
                            "model_fingerprint": spectrum.model_fingerprint})
 

@@ -251,6 +251,33 @@ def test_default_store_is_read_from_its_chunk_files_as_zarr_reads_it(tmp_path, m
     assert torch.equal(zs.read_float64(zarr.open_group(str(tmp_path / "v.zarr"), mode="r")["v"]), values)
 
 
+def test_default_store_is_written_byte_for_byte_as_zarr_writes_it(tmp_path, monkeypatch):
+    """The uncompressed default's files are written directly: the same files, byte for byte, as zarr's own write
+    (padded chunks, an all-zero matrix, a 1-D array, a nested name with its parent group)."""
+    import tlora._zarr_store as zs
+
+    arrays = _padded_sums(monkeypatch) | {"zeros": torch.zeros(5, 5, dtype=torch.float64),
+                                          "mod.a/values": torch.arange(5, dtype=torch.float64)}
+    ours = zarr.open_group(str(tmp_path / "ours.zarr"), mode="w")
+    zarrs = zarr.open_group(str(tmp_path / "zarr.zarr"), mode="w")
+    for name, t in arrays.items():
+        zs.write_matrix(ours, name, t)
+        rows = ours[name].chunks[0]
+        arr = zarrs.create_array(name=name, shape=t.shape, dtype="float64", chunks=(rows, *t.shape[1:]),
+                                 compressors=None, config={"write_empty_chunks": True})
+        arr[...] = t.numpy()
+
+    def files(root):
+        return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+    written, expected = files(tmp_path / "ours.zarr"), files(tmp_path / "zarr.zarr")
+    assert written.keys() == expected.keys() and "g7/c/3/0" in written and "mod.a/zarr.json" in written
+    assert written == expected
+    monkeypatch.setattr(zs, "_write_raw", lambda *a: pytest.fail("wrote directly"))  # compressed: through zarr
+    zs.write_matrix(ours, "compact", arrays["g7"], compressors="compact")
+    assert torch.equal(zs.read_float64(ours["compact"]), arrays["g7"])
+
+
 def test_other_stores_are_read_through_zarr(tmp_path, monkeypatch):
     """Compressed arrays, and an uncompressed one with a chunk left unwritten, go through zarr, exactly."""
     import tlora._zarr_store as zs
