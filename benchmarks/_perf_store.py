@@ -52,9 +52,9 @@ def bench_store(cov: Covariance, repeats: int) -> dict:
                "zarr_compact_write": lambda: save_covariance(fresh("compact"), cov, compressors="compact"),
                "zarr_compact_read": lambda: load_covariance(latest["compact"])}
         print("store:", flush=True)
-        times = timed_round_robin(fns, repeats, warmup=1, sync=lambda: None, prepare=settle)
-        exact = all(torch.equal(load_covariance(latest[k]).sums[g], s) for k in ("default", "compact")
-                    for g, s in cov.sums.items())
+        times = timed_round_robin(fns, repeats, warmup=1, sync=lambda: None, prepare=settle, shuffle=True)
+        back = {k: load_covariance(latest[k]).sums for k in ("default", "compact")}
+        exact = all(torch.equal(back[k][g], s) for k in back for g, s in cov.sums.items())
         size = {k: sum(f.stat().st_size for f in latest[d].rglob("*") if f.is_file())
                 for k, d in (("npy", "npy"), ("zarr", "default"), ("zarr_compact", "compact"))}
     finally:

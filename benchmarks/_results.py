@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -64,12 +65,18 @@ def publish(heading: str, text: str, *, quick: bool = False, raw: dict | None = 
 
 
 def timed_round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None],
-                      prepare: Callable[[], None] = lambda: None) -> dict[str, dict]:
+                      prepare: Callable[[], None] = lambda: None, shuffle: bool = False) -> dict[str, dict]:
     """Wall seconds of each fn, interleaved: warmup rounds untimed, then ``repeats`` timed rounds; medians.
-    ``prepare`` runs untimed before each fn."""
+    ``prepare`` runs untimed before each fn. ``shuffle``: after the warmup rounds, each round runs the fns in a
+    new (seeded) order, so that no fn always follows the same one (what one leaves behind, e.g. memory the
+    kernel must find again, can slow the next)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
     for i in range(warmup + repeats):
-        for name, fn in fns.items():
+        if shuffle and i >= warmup:
+            rng.shuffle(order)
+        for name in order:
+            fn = fns[name]
             prepare()
             sync()
             t0 = time.perf_counter()
