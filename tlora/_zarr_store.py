@@ -158,15 +158,12 @@ def _read_raw_chunks(array: zarr.Array) -> np.ndarray | None:
 CODEC: Any = None
 """The default compressors of :func:`write_matrix`: none. Measured on SmolLM2's covariance (120 float64 matrices,
 768 MiB; ``benchmarks/perf_stats.py`` ``bench_store``, 1 thread, 2 shared cores), no single-threaded lossless codec
-keeps up with the page cache: Blosc LZ4 level 1 with bit shuffle (:data:`COMPACT_CODEC`) stores 0.56× numpy's bytes
+keeps up with the page cache: Blosc LZ4 level 1 with bit shuffle (:data:`COMPACT_CODEC`) stores 0.58× numpy's bytes
 but compresses at about 0.9 GB/s and decompresses at about 1.0 GB/s (byte shuffle: 0.60×, 1.3 / 1.6 GB/s; blosclz:
 0.64×, 1.2 / 2.7 GB/s; zstd level 1: 0.57-0.60×, 0.3-0.5 / 0.8-1.1 GB/s), while ``numpy.save`` / ``numpy.load`` move
-the raw bytes at 2-5 GB/s: it writes 3.4-6.6× and reads 3.2-3.7× of numpy's time. Uncompressed, the chunk files
-are the matrices' bytes (size 1.0001× numpy's: the JSON metadata) and read 0.9-1.2× of ``numpy.load``'s time, but
-writing stays 2.7-5.2× of ``numpy.save``'s (1.0-1.4 s against 0.17-0.29 s): zarr's metadata alone (a folder and a
-``zarr.json`` per array, about 1 ms of CPU each) costs 0.12-0.14 s, about numpy's whole write, and writing the same
-bytes into zarr's folder layout (``<array>/c/0/0``) measured slower than into one folder, whether through zarr or
-straight to the files."""
+the raw bytes at 2-5 GB/s: it writes 5-7× and reads 3-4× of numpy's time. Uncompressed, the chunk files are the
+matrices' bytes (1.0001× numpy's size: the JSON metadata), written and read directly (:func:`_write_raw`,
+:func:`_read_raw_chunks`) at about numpy's speed."""
 
 COMPACT_CODEC = (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),)
 """Half the bytes at several times the time (see :data:`CODEC`): ``save_covariance(..., compressors=COMPACT_CODEC)``

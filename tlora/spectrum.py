@@ -68,7 +68,6 @@ PEEL_ROUNDS = 3
 R_SCALE_LIMIT = 1e3
 """Largest ratio of the R·S operand's rounding scale ‖W0ᵀW0‖_F·‖S‖²_F to σ₁² at which ``auto`` keeps its solve
 (20–224 on SmolLM2's MLPs): beyond it W0·S is formed, as for the other modules."""
-"""Most gram solves per module in ``auto``, each after deflating the leading vectors the last one certified."""
 SUBSET_RATIO = 3
 """On CPU the gram solver asks LAPACK for the top k = r + 1 pairs only where SUBSET_RATIO·k ≤ n (the Gram's
 width); past that a full ``eigh`` is as cheap (1 thread, Gram product included: k = 65 of n = 576, 21–34 ms
@@ -231,21 +230,24 @@ def _certified_gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
     in a down projection, so eigh of the Gram resolves σ² only to ~eps·σ₁²), the leading prefix that is
     certified at a clear gap is kept, deflated (M ← M − M·VᵀV, which leaves the other singular pairs as they
     are), and the rest solved again at the smaller σ₁ (at most ``PEEL_ROUNDS`` solves; ~2 Gram solves instead
-    of an SVD). Each prefix of the result is certified by the solve that made it.
+    of an SVD). Each prefix of the result is certified by the solve that made it; what deflating by the kept
+    vectors' own small error adds (about σ₁ times their certified sine) is not in the later certificates.
     """
     d_out, d_in = m.shape
     rows, vals, done, scale = [], [], 0, None
     for _ in range(PEEL_ROUNDS):
         v, sv, sigma, ok = _gram(m, r - done, certify=True)
         if bool(ok.all()) or gram_error_bound(sigma, r - done, d_in, d_out, scale=scale) <= GRAM_TOLERANCE:
-            rows.append(v), vals.append(sv)
+            rows.append(v)
+            vals.append(sv)
             break
         run = int(ok.int().cumprod(0).sum())  # the leading prefixes that are certified
         clear = (sigma[1:run + 1] < (1 - NEAR_GAP) * sigma[:run]).nonzero()  # ... and end at a clear gap
         if len(clear) == 0:
             return None
         kept = int(clear.max()) + 1
-        rows.append(v[:kept]), vals.append(sv[:kept])
+        rows.append(v[:kept])
+        vals.append(sv[:kept])
         done += kept
         scale = scale or float(sigma[0]) ** 2  # M's rounding stays at the first solve's σ₁², not the deflated one's
         m = m - (m @ v[:kept].T) @ v[:kept]
