@@ -325,13 +325,13 @@ def report(out: dict, args: argparse.Namespace) -> str:
         f"overall: {sp['max_sine']:.1e}; worst relative energy error: {sp['max_energy']:.1e}.",
         f"- **Store.** The covariance's {out['n_groups']} float64 matrices: `save_covariance`/`load_covariance` "
         "with their defaults, which the pipeline uses (each sum whole, `[d_in, d_in]` float64, chunks of whole rows, "
-        + ("uncompressed, chunk files read straight into the result"
+        + ("uncompressed, its chunk files and metadata written directly and read straight into the result"
            if "compact_write_ratio" in st else
            "Blosc LZ4 level 1 with bit shuffle")
         + ") vs one `numpy.save` file per matrix / `numpy.load`, both in a temporary folder on the same disk "
         "(page cache); each write into a fresh folder (the pipeline writes into a fresh staging folder), the "
         "previous one deleted untimed; each timed fn started after `os.sync()`, `gc.collect()` and glibc's "
-        "`malloc_trim(0)`. "
+        "`malloc_trim(0)`; after an untimed first round, the six fns in a new shuffled order each round. "
         f"Round trip bit-exact: {st['round_trip_exact']}. "
         + (f"Compact (`store.compress: true`, i.e. `compressors='compact'`: Blosc LZ4 level 1, bit shuffle): write "
            f"{st['compact_write_ratio']:.2f}×, read {st['compact_read_ratio']:.2f}×, size "
