@@ -183,11 +183,9 @@ def report(raw: dict) -> str:
         a = anchor["analytic"]
         lines += ["", f"SmolLM2 covariance store (`save_covariance`, random-token calibration): "
                   f"{a['cov_bytes'] / 2**20:.0f} MiB of float64 sums; on disk {a['cov_store_raw_mb']:.0f} MiB "
-                  "uncompressed and "
+                  "uncompressed (the default) and "
                   f"{a['cov_store_zstd_mb']:.0f} MiB with Zstd ({a['cov_store_zstd_mb'] * 2**20 / a['cov_bytes']:.2f}x "
-                  "the sums), measured when the store used 1024² chunks, which padded each 1536² array to 2048². "
-                  "Stores are now chunked by whole rows (padding below 30 rows) and uncompressed by default: "
-                  "see the statistics section for today's sizes."]
+                  "the sums); the statistics section times them."]
     pred = raw.get("predict", {}).get("7B")
     if pred:
         lines += ["", f"Prediction for LLaMA-2-7B (32 layers, d 4096, intermediate 11008, 224 targets, "
