@@ -75,7 +75,7 @@ def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compresso
     n_chunks = max(1, -(-values.shape[0] * width // _CHUNK_VALUES))  # ceil
     rows = max(1, -(-values.shape[0] // n_chunks))  # equal blocks of rows: the last is padded by < n_chunks rows
     codecs = _NAMED.get(compressors, compressors) if isinstance(compressors, str) else compressors
-    if codecs is None and isinstance(root.store, LocalStore):
+    if codecs is None and isinstance(root.store, LocalStore) and values.ndim <= 2:
         folder = Path(root.store.root) / root.path
         for part in name.split("/")[:-1]:  # parent groups, as zarr makes them for a nested name
             folder = folder / part
@@ -102,7 +102,7 @@ def _write_raw(folder: Path, values: np.ndarray, rows: int) -> None:
         path = folder / "c" / str(i) / "0" if values.ndim == 2 else folder / "c" / str(i)
         path.parent.mkdir(parents=True, exist_ok=True)
         chunk = memoryview(values[i * rows: (i + 1) * rows].reshape(-1)).cast("B")
-        with open(path, "wb", buffering=0) as fh:
+        with open(path, "wb") as fh:  # buffered: its write() writes all of a piece (larger ones bypass the buffer)
             for j in range(0, len(chunk), _WRITE_BYTES):
                 fh.write(chunk[j: j + _WRITE_BYTES])
             fh.write(bytes(rows * row_bytes - len(chunk)))

@@ -17,7 +17,7 @@ to ``exact`` per module where that does not certify every prefix either. Both ce
 top r + 1 eigenpairs (σ_r+1 closes the last gap), so on CPU the gram solver forms one triangle of the Gram
 (BLAS SYRK) and asks LAPACK for those r + 1 pairs alone (:func:`_top_eigh`): the tridiagonal reduction is
 then most of its cost (elsewhere: the full Gram product and a full ``torch.linalg.eigh``). For a tall W0
-(an MLP's up and gate projections) ``auto`` solves the square R·S, R the Cholesky factor of W0ᵀW0, which has
+(an MLP's up and gate projections) ``auto`` on CPU solves the square R·S, R the Cholesky factor of W0ᵀW0, which has
 the same right singular pairs at 0.6× the work (:func:`_gram_operand`).
 ``randomized`` is block subspace iteration on the smaller Gram matrix with a block of ``2·r`` vectors,
 finished by a Rayleigh–Ritz step on M itself (the SVD of the thin ``M·Q``); it stops when the Ritz
@@ -66,8 +66,10 @@ RANDOMIZED_MAX_ITER = 24
 PEEL_ROUNDS = 3
 """Most gram solves per module in ``auto``, each after deflating the leading vectors the last one certified."""
 R_SCALE_LIMIT = 1e3
-"""Largest ratio of the R·S operand's rounding scale ‖W0ᵀW0‖_F·‖S‖²_F to σ₁² at which ``auto`` keeps its solve
-(20–224 on SmolLM2's MLPs): beyond it W0·S is formed, as for the other modules."""
+"""Largest ratio of the R·S operand's rounding scale ‖W0ᵀW0‖_F·‖S‖²_F to σ₁² at which ``auto`` keeps a solve that
+its residuals certify (20–224 on SmolLM2's MLPs). The residual test, for W0·S as for R·S, does not see how the Gram
+was rounded; R·S multiplies that rounding by up to this ratio (measured on SmolLM2's up/gate: worst sin θ 3e-12
+against the exact SVD). Past it, only the a-priori bound, which counts the scale, keeps R·S; else W0·S is formed."""
 SUBSET_RATIO = 3
 """On CPU the gram solver asks LAPACK for the top k = r + 1 pairs only where SUBSET_RATIO·k ≤ n (the Gram's
 width); past that a full ``eigh`` is as cheap (1 thread, Gram product included: k = 65 of n = 576, 21–34 ms
@@ -102,7 +104,8 @@ def compute_spectrum(
     Args:
         modules: the modules to compute (default: every module of the covariance).
         solver: ``exact``, ``gram``, ``randomized`` (exact where it does not converge), or ``auto``
-            (gram where its a-priori bound or its residuals certify it, else exact).
+            (gram where its a-priori bound or its residuals certify it, after deflating a certified leading part
+            where needed; else exact).
         check_fingerprint: refuse a covariance recorded for another model.
         model_fingerprint: the model's fingerprint when the caller has it (the pipeline records it once, in
             the model stage); hashed from the model's weights when ``None`` (~0.4 s at 135M parameters).
@@ -235,7 +238,7 @@ def _certified_gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
     """
     d_out, d_in = m.shape
     rows, vals, done, scale = [], [], 0, None
-    for _ in range(PEEL_ROUNDS):
+    for peel in range(PEEL_ROUNDS):
         v, sv, sigma, ok = _gram(m, r - done, certify=True)
         if bool(ok.all()) or gram_error_bound(sigma, r - done, d_in, d_out, scale=scale) <= GRAM_TOLERANCE:
             rows.append(v)
@@ -243,7 +246,7 @@ def _certified_gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
             break
         run = int(ok.int().cumprod(0).sum())  # the leading prefixes that are certified
         clear = (sigma[1:run + 1] < (1 - NEAR_GAP) * sigma[:run]).nonzero()  # ... and end at a clear gap
-        if len(clear) == 0:
+        if len(clear) == 0 or peel == PEEL_ROUNDS - 1:
             return None
         kept = int(clear.max()) + 1
         rows.append(v[:kept])
@@ -251,8 +254,6 @@ def _certified_gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
         done += kept
         scale = scale or float(sigma[0]) ** 2  # M's rounding stays at the first solve's σ₁², not the deflated one's
         m = m - (m @ v[:kept].T) @ v[:kept]
-    else:
-        return None
     if len(rows) == 1:
         return rows[0], vals[0]
     q, tri = torch.linalg.qr(torch.cat(rows).T)  # the pieces are orthogonal up to rounding: make it exact
@@ -450,8 +451,13 @@ def _ritz_certified(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int)
     Kato–Temple λ_i − θ_i ≲ ‖r_i‖² / (θ_i − θ_l), θ_l the smallest Ritz value of the block.
     """
     theta = theta.clamp(min=0)
-    if r >= n or theta[0] <= 0:
-        return torch.full((r,), r >= n)
+    if theta[0] <= 0:
+        return torch.full((r,), r >= n, device=theta.device)
+    if r >= n:  # prefix n is all of M's row space, so exact; the shorter ones still need the test
+        ok = torch.ones(r, dtype=torch.bool, device=theta.device)
+        if n > 1:
+            ok[: n - 1] = _ritz_certified(theta, residual[: n - 1], n - 1, n)
+        return ok
     lam = theta[: r + 1]
     res2 = residual.square().cumsum(0)  # ‖R_k‖²_F
     gap = lam[:r] - lam[1:]
