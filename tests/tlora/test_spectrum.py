@@ -95,8 +95,11 @@ def constructed(model, name: str, sigma: np.ndarray) -> Covariance:
     return Covariance(sums={name: eye}, modules={name: name}, n_tokens=1, n_samples=1)
 
 
+@pytest.mark.parametrize("lapack", [True, False])  # False: torch's full eigh, the path CUDA takes
 @pytest.mark.parametrize("name", ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"])  # MᵀM, MMᵀ
-def test_auto_peels_a_dominant_vector_off_or_falls_back_to_exact(name, tiny_model, monkeypatch):
+def test_auto_peels_a_dominant_vector_off_or_falls_back_to_exact(name, lapack, tiny_model, monkeypatch):
+    if not lapack:
+        monkeypatch.setattr(spectrum_module, "SUBSET_RATIO", 10**9)
     model = tiny_model("llama", dtype=torch.float64)
     clear = np.linspace(1.0, 0.1, 32)
     cov = constructed(model, name, clear)
