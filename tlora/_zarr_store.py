@@ -81,7 +81,7 @@ def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compresso
             folder = folder / part
             if not folder.is_dir():
                 folder.mkdir()
-                (folder / "zarr.json").write_bytes(_metadata(None, 0))
+                (folder / "zarr.json").write_bytes(_group_json())
         _write_raw(folder / name.split("/")[-1], values, rows)
         return
     # write_empty_chunks: every chunk lands on disk (an all-zero one too), and zarr skips its scan for them.
@@ -93,13 +93,14 @@ def write_matrix(root: zarr.Group, name: str, matrix: torch.Tensor, *, compresso
 def _write_raw(folder: Path, values: np.ndarray, rows: int) -> None:
     """Write an uncompressed array as zarr would (the same ``zarr.json`` and chunk files, byte for byte: tested),
     without zarr's per-array overhead (its metadata round trips and codec pipeline cost more than the bytes'
-    own write): the metadata zarr makes for the shape, then each chunk's C-order bytes, the last padded with the
-    fill value 0."""
+    own write): the metadata zarr makes for the shape, then each chunk's C-order bytes at the key that metadata
+    names, the last padded with the fill value 0."""
+    meta, meta_json = _array_metadata(values.shape, rows)
     folder.mkdir()
-    (folder / "zarr.json").write_bytes(_metadata(values.shape, rows))
+    (folder / "zarr.json").write_bytes(meta_json)
     row_bytes = values.itemsize * (values.shape[1] if values.ndim == 2 else 1)
     for i in range(-(-values.shape[0] // rows)):
-        path = folder / "c" / str(i) / "0" if values.ndim == 2 else folder / "c" / str(i)
+        path = folder / meta.encode_chunk_key((i,) + (0,) * (values.ndim - 1))
         path.parent.mkdir(parents=True, exist_ok=True)
         chunk = memoryview(values[i * rows: (i + 1) * rows].reshape(-1)).cast("B")
         with open(path, "wb") as fh:  # buffered: its write() writes all of a piece (larger ones bypass the buffer)
@@ -109,15 +110,19 @@ def _write_raw(folder: Path, values: np.ndarray, rows: int) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _metadata(shape: tuple[int, ...] | None, rows: int) -> bytes:
-    """The ``zarr.json`` zarr writes for an uncompressed float64 array of this shape and chunk rows, or for an
-    empty group (``shape`` None)."""
-    if shape is None:
-        node = zarr.create_group(store=MemoryStore())
-    else:
-        node = zarr.create_array(store=MemoryStore(), shape=shape, chunks=(rows, *shape[1:]), dtype="float64",
-                                 compressors=None)
-    return node.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+def _array_metadata(shape: tuple[int, ...], rows: int) -> tuple[ArrayV3Metadata, bytes]:
+    """The metadata zarr makes for an uncompressed float64 array of this shape and chunk rows, and its
+    ``zarr.json`` bytes."""
+    meta = zarr.create_array(store=MemoryStore(), shape=shape, chunks=(rows, *shape[1:]), dtype="float64",
+                             compressors=None).metadata
+    return meta, meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+
+
+@functools.cache
+def _group_json() -> bytes:
+    """The ``zarr.json`` zarr writes for an empty group."""
+    meta = zarr.create_group(store=MemoryStore()).metadata
+    return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
 def _raw_chunk_files(array: zarr.Array) -> list[Path] | None:

@@ -404,7 +404,7 @@ def _randomized(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | 
 
     G is the smaller Gram matrix (n × n); Q (n × l) an orthonormal block. Each step forms Y = G·Q, takes
     the Ritz pairs (θ, X = Q·W) of G in span(Q) and their residuals R = Y·W − X·diag(θ), and stops when
-    :func:`_ritz_converged` accepts every prefix; else Q ← orth(Y).
+    :func:`_ritz_certified` accepts every prefix; else Q ← orth(Y).
     """
     gram, right = _smaller_gram(m)
     n, l = gram.shape[0], min(_block(r), gram.shape[0])
@@ -421,7 +421,7 @@ def _randomized(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | 
         theta, w = theta.flip(0), w.flip(1)
         x = q @ w[:, :r]  # [n, r] Ritz vectors
         residual = torch.linalg.vector_norm(y @ w[:, :r] - x * theta[:r], dim=0)  # [r]
-        if _ritz_converged(theta, residual, r, n):
+        if bool(_ritz_certified(theta, residual, r, n).all()):
             break
         q = torch.linalg.qr(y).Q
     else:
@@ -437,11 +437,6 @@ def _randomized(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | 
         _, s, wh = torch.linalg.svd(tri.T)
         v = (qq @ wh.T)[:, :r].T
     return v, s[:r]
-
-
-def _ritz_converged(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int) -> bool:
-    """Whether the residuals put every prefix k ≤ r within tolerance (:func:`_ritz_certified`)."""
-    return bool(_ritz_certified(theta, residual, r, n).all())
 
 
 def _ritz_certified(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int) -> torch.Tensor:
