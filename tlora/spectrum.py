@@ -142,13 +142,25 @@ def compute_spectrum(
         group = covariance.modules[name]
         if group not in cache:
             cache = {group: covariance.sums[group].to(weight.device)}
-        # W0·S = n·M (C = S/n): the same singular vectors, σ scaled by n, and no pass over S to divide it.
         r = min(r_max, *weight.shape)
-        v, s, used[name] = _top_right_singular(weight.detach(), cache[group], r, solver)
-        vectors[name], values[name] = _fix_signs(v).cpu(), (s / covariance.n_samples).cpu()
+        vectors[name], values[name], used[name] = module_spectrum(weight, cache[group], covariance.n_samples, r,
+                                                                  solver)
     log.info("spectrum of %d modules (r_max=%d): %s", len(used), r_max,
              ", ".join(f"{sum(u == k for u in used.values())} {k}" for k in ("randomized", "gram", "exact")))
     return Spectrum(vectors=vectors, values=values, r_max=r_max, solver=used, model_fingerprint=fingerprint)
+
+
+def module_spectrum(weight: torch.Tensor, s: torch.Tensor, n_samples: int, r: int, solver: Solver = "auto"
+                    ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """One module's top-``r`` right singular vectors ``[r, d_in]`` and values ``[r]`` of ``M = W0·C`` (float64, CPU).
+
+    ``weight`` is W0 in ``[d_out, d_in]`` layout (any float dtype), ``s`` its group's float64 sum S = n·C on the
+    same device. Vectors have fixed signs; the solver that made them is returned with them. The layer-streamed
+    path (:mod:`tlora.stream`) calls this per module as each layer completes.
+    """
+    # W0·S = n·M (C = S/n): the same singular vectors, σ scaled by n, and no pass over S to divide it.
+    v, sv, used = _top_right_singular(weight.detach(), s, r, solver)
+    return _fix_signs(v).cpu(), (sv / n_samples).cpu(), used
 
 
 def gram_error_bound(sigma: torch.Tensor, r: int, d_in: int, d_out: int, *, scale: float | None = None) -> float:
