@@ -69,7 +69,7 @@ class CovarianceStats(BaseModel):
 class Covariance:
     """Per-sample-centred activation sums of each shared-input group, plus the counts behind them."""
 
-    sums: dict[str, torch.Tensor]  # group -> [d_in, d_in], float64, S = Σ_s Xcᵀ Xc
+    sums: Mapping[str, torch.Tensor]  # group -> [d_in, d_in], float64, S = Σ_s Xcᵀ Xc (a dict, or StoredSums)
     modules: dict[str, str]  # module -> group
     n_tokens: int
     n_samples: int
@@ -81,7 +81,7 @@ class Covariance:
         missing = sorted(set(self.modules.values()) - set(self.sums))
         if missing:
             raise ValueError(f"modules refer to groups without a sum: {missing}")
-        for group, s in self.sums.items():
+        for group, s in ({} if isinstance(self.sums, StoredSums) else self.sums).items():
             if s.dim() != 2 or s.shape[0] != s.shape[1] or s.dtype != torch.float64:
                 raise ValueError(f"sum of group {group!r} must be a square float64 matrix, got "
                                  f"{tuple(s.shape)} {s.dtype}")
@@ -104,10 +104,15 @@ class Covariance:
                              f"e.g. {list(self.modules)[:3]}")
         return self.sums[self.modules[module]] / self.n_samples
 
+    def dim(self, group: str) -> int:
+        """d_in of a group (from the store's metadata for stored sums: nothing is read)."""
+        sums = self.sums
+        return sums.dim(group) if isinstance(sums, StoredSums) else int(sums[group].shape[0])
+
     @property
     def stats(self) -> CovarianceStats:
         return CovarianceStats(
-            modules=dict(self.modules), dims={g: int(s.shape[0]) for g, s in self.sums.items()},
+            modules=dict(self.modules), dims={g: self.dim(g) for g in self.sums},
             n_tokens=self.n_tokens, n_samples=self.n_samples, centering=self.centering,
             model_fingerprint=self.model_fingerprint, data_fingerprint=self.data_fingerprint)
 
@@ -151,13 +156,8 @@ def collect_covariance(
     device = next(model.parameters()).device
     dtype = torch.float64 if precision == "float64" else torch.float32
     hooked = {group: get_module(model, group) for group in targets.groups}
-    params = inspect.signature(model.forward).parameters
-    # Absolute-position models (GPT-2, BERT) would see left-padded samples at shifted positions.
-    make_positions = "position_ids" in params
-    extra = {"use_cache": False} if "use_cache" in params else {}  # no KV cache to build and hold
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if "logits_to_keep" in params and all(head is not m for m in hooked.values()):
-        extra["logits_to_keep"] = 1  # the [B, T, vocab] logits are never read
+    keep_logits = all(head is not m for m in hooked.values())
     acc = _Accumulator(targets.groups, dtype)
     handles = [module.register_forward_pre_hook(acc.hook(group)) for group, module in hooked.items()]
     was_training = model.training
@@ -165,12 +165,9 @@ def collect_covariance(
         model.eval()  # dropout would make the activations random
         with torch.no_grad():
             for j, batch in enumerate(tqdm(batches, desc="covariance", unit="batch", disable=not progress)):
-                inputs = {k: batch[k].to(device) for k in _FORWARD_KEYS if k in batch}
-                mask = inputs["attention_mask"].ne(0)
-                if make_positions and "position_ids" not in inputs:
-                    inputs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
-                acc.start(mask)
-                model(**inputs, **extra)
+                inputs = forward_inputs(model, batch, device, one_logit=keep_logits)
+                acc.start(inputs["attention_mask"].ne(0))
+                model(**inputs)
                 acc.finish(j)
                 if on_progress is not None:
                     on_progress(j + 1, len(batches))
@@ -186,6 +183,25 @@ def collect_covariance(
     log.info("covariance of %d groups (%d modules) over %d samples, %d tokens",
              len(cov.sums), len(cov.modules), cov.n_samples, cov.n_tokens)
     return cov
+
+
+def forward_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device | str, *,
+                   one_logit: bool = True) -> dict[str, Any]:
+    """The keyword inputs of a statistics forward pass over a padded batch, on ``device``.
+
+    Position ids count from each sample's first real token where the model takes them (absolute-position models,
+    GPT-2 and BERT, would see left-padded samples at shifted positions); no KV cache; with ``one_logit``, only the
+    last position's logits (the ``[B, T, vocab]`` logits are never read).
+    """
+    params = inspect.signature(model.forward).parameters
+    inputs: dict[str, Any] = {k: batch[k].to(device) for k in _FORWARD_KEYS if k in batch}
+    if "position_ids" in params and "position_ids" not in inputs:
+        inputs["position_ids"] = (inputs["attention_mask"].ne(0).long().cumsum(1) - 1).clamp(min=0)
+    if "use_cache" in params:
+        inputs["use_cache"] = False
+    if one_logit and "logits_to_keep" in params:
+        inputs["logits_to_keep"] = 1
+    return inputs
 
 
 def merge_covariances(parts: Sequence[Covariance], *, data_fingerprint: str | None = None) -> Covariance:
@@ -236,8 +252,34 @@ def save_covariance(path: str | Path, cov: Covariance, *, compressors: Any = "de
             "data_fingerprint": cov.data_fingerprint})
 
 
-def load_covariance(path: str | Path) -> Covariance:
+class StoredSums(Mapping[str, torch.Tensor]):
+    """A covariance store's sums, each read from the store when it is asked for (none held in memory)."""
+
+    def __init__(self, root: Any, names: Iterable[str]) -> None:
+        self.root = root
+        self.names = list(names)
+        self._shapes = {name: tuple(root[name].shape) for name in self.names}
+
+    def __getitem__(self, group: str) -> torch.Tensor:
+        if group not in self._shapes:
+            raise KeyError(group)
+        return read_float64(self.root[group])
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def dim(self, group: str) -> int:
+        return int(self._shapes[group][0])
+
+
+def load_covariance(path: str | Path, *, lazy: bool = False) -> Covariance:
     """Read a store written by :func:`save_covariance`; group names are the store's array names.
+
+    ``lazy``: the sums are read one at a time when asked for (:class:`StoredSums`), for models whose sums do not
+    fit in memory together.
 
     Raises:
         ValueError: no store at ``path``, a store whose ``complete`` attribute is not true, or one with
@@ -246,10 +288,13 @@ def load_covariance(path: str | Path) -> Covariance:
     root, attrs = open_complete(path, "covariance")
     try:
         modules = attrs["modules"]
-        sums = {name: read_float64(root[name]) for name in dict.fromkeys(modules.values())}
+        names = list(dict.fromkeys(modules.values()))
+        sums: Mapping[str, torch.Tensor] = StoredSums(root, names) if lazy else {
+            name: read_float64(root[name]) for name in names}
+        dims = {g: sums.dim(g) for g in names} if lazy else {g: s.shape[0] for g, s in sums.items()}
         stats = CovarianceStats.model_validate(
             {k: attrs[k] for k in ("modules", "n_tokens", "n_samples", "centering", "model_fingerprint",
-                                   "data_fingerprint")} | {"dims": {g: s.shape[0] for g, s in sums.items()}})
+                                   "data_fingerprint")} | {"dims": dims})
     except (KeyError, ValidationError) as err:
         raise ValueError(f"covariance store {path} is malformed: {err}") from err
     return Covariance(sums=sums, modules=stats.modules, n_tokens=stats.n_tokens, n_samples=stats.n_samples,
@@ -300,7 +345,7 @@ class _Accumulator:
         self.shape = tuple(mask.shape)
         self.rows = mask.reshape(-1).nonzero().squeeze(1)  # [N] valid rows of the flattened [B*T, d] input
         self.sample = self.rows // mask.shape[1]  # [N] the sample each valid row belongs to
-        self.counts = mask.sum(1).to(self.dtype)[:, None]  # [B, 1]
+        self.counts = mask.sum(1).to(torch.float64)[:, None]  # [B, 1]
         if self.pending_tokens and self.pending_tokens + len(self.rows) > _FP32_TOKENS:
             self._flush()
         self.pending_tokens += len(self.rows)
@@ -315,9 +360,11 @@ class _Accumulator:
             if x.shape[:-1] not in ((b, t), (b * t,)):
                 raise ValueError(f"module {group!r} reads {tuple(x.shape)}, not one vector per token "
                                  f"([{b}, {t}, d]): its token covariance is undefined; leave it out of the targets")
-            x = x.reshape(b * t, x.shape[-1]).index_select(0, self.rows).to(self.dtype)  # [N, d], a copy
-            mean = torch.zeros(b, x.shape[1], dtype=self.dtype, device=x.device).index_add_(0, self.sample, x)
-            xc = x.sub_((mean / self.counts).index_select(0, self.sample))
+            # [N, d] valid rows, centred in float64 whatever the GEMM's precision: a float32 mean and subtraction
+            # would err by ~(eps32·|μ|/σ)², past 1e-5 near |μ|/σ ≈ 3e4 (LLMs' massive activations come close).
+            x = x.reshape(b * t, x.shape[-1]).index_select(0, self.rows).to(torch.float64)
+            mean = torch.zeros(b, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, self.sample, x)
+            xc = x.sub_((mean / self.counts).index_select(0, self.sample)).to(self.dtype)
             self._accumulate(group, xc)
             self.calls[group] += 1
 

@@ -15,7 +15,9 @@ import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,12 +136,17 @@ def model_fingerprint(model: nn.Module) -> str:
     Two loads of the same weights give the same fingerprint on any machine; any changed weight,
     shape or dtype changes it.
     """
+    return fingerprint_tensors(getattr(model, "config", None), sorted(model.state_dict().items()))
+
+
+def fingerprint_tensors(config: Any, tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """:func:`model_fingerprint` of a config and ``(name, tensor)`` pairs in name order, read as they come (a
+    streamed model hashes its weights one tensor at a time)."""
     h = hashlib.sha256()
-    config = getattr(model, "config", None)
     if config is not None:
         cfg = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
         h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in tensors:
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         if t.numel():
