@@ -1,34 +1,48 @@
 """Spectral init of A: the top right singular vectors of M = W0·C per target module (DESIGN §1.3).
 
 For each module, W0 ``[d_out, d_in]`` (GPT-2 ``Conv1D`` transposed) and C ``[d_in, d_in]`` its group's
-activation covariance, both float64:
+activation covariance (float64 sums S = n·C; W0·S has the same singular vectors as M):
 
     M = W0·C = U·Σ·Vᴴ        A_r = Vᴴ[:r]   (orthonormal rows, no singular-value scaling)
 
 The top ``r_max`` rows are computed once and sliced per budget, so every prefix of them must be right.
-Solvers: ``exact`` is ``torch.linalg.svd`` (the oracle); ``gram`` takes the eigenvectors of the smaller
-Gram matrix (MᵀM, or MMᵀ when d_out < d_in, then V = MᵀU/σ). Squaring M squares its condition, so
-``auto`` keeps the gram result only where it is certified: either a priori, where a Davis–Kahan bound puts
-every prefix subspace within ``GRAM_TOLERANCE`` of the exact one, or a posteriori, where the computed
-eigenpairs' residuals against the Gram pass the same per-prefix test as the randomized solver below
-(:func:`_ritz_certified`). Where only a leading part is certified (a Gram's dynamic range: an LLM's massive
-activations), ``auto`` deflates that part and solves the rest again (:func:`_certified_gram`); it falls back
-to ``exact`` per module where that does not certify every prefix either. Both certificates need only the
-top r + 1 eigenpairs (σ_r+1 closes the last gap), so on CPU the gram solver forms one triangle of the Gram
-(BLAS SYRK) and asks LAPACK for those r + 1 pairs alone (:func:`_top_eigh`): the tridiagonal reduction is
-then most of its cost (elsewhere: the full Gram product and a full ``torch.linalg.eigh``). For a tall W0
-(an MLP's up and gate projections) ``auto`` on CPU solves the square R·S, R the Cholesky factor of W0ᵀW0, which has
-the same right singular pairs at 0.6× the work (:func:`_gram_operand`).
-``randomized`` is block subspace iteration on the smaller Gram matrix with a block of ``2·r`` vectors,
-finished by a Rayleigh–Ritz step on M itself (the SVD of the thin ``M·Q``); it stops when the Ritz
-residuals put every prefix within ``RANDOMIZED_SINE`` of its exact subspace, or, for a prefix whose last
-singular value nearly coincides with the next one (relative gap below ``NEAR_GAP``: the subspace itself is
-ill-defined there), when they put its captured energy ‖M·Aᵀ‖²_F within ``RANDOMIZED_ENERGY`` of the exact.
-It falls back to ``exact`` when it does not get there in ``RANDOMIZED_MAX_ITER`` steps. (At SmolLM2's
-shapes a full ``eigh`` of the 576-wide Gram is cheaper than the ~11 steps the iteration needs, so ``auto``
-no longer takes it.)
-Invariant (tested): rows orthonormal, and the span of every prefix equals the exact SVD's within tolerance
-(or, across a near-coincident pair, its energy does).
+
+Solvers:
+
+* ``exact``: ``torch.linalg.svd`` of the dense float64 W0·S, the oracle (O(d³)).
+* ``gram``: eigenvectors of the smaller dense Gram matrix (MᵀM, or MMᵀ when d_out < d_in, then V = MᵀU/σ),
+  with no check (O(d³)).
+* ``krylov``: block Krylov (block Golub–Kahan–Lanczos with full reorthogonalization, float64, seeded start)
+  that touches M only through products, M·X = W0·(S·X) and Mᵀ·Y = S·(W0ᵀ·Y), never forming M or a Gram:
+  O((d_in² + d_out·d_in)·L) per module for a basis of L columns (:func:`_krylov`). Its Rayleigh–Ritz step is
+  an SVD of M restricted to the basis, so the σ of an LLM's massive activations (σ₁/σ₂ ≈ 2e4 in SmolLM2's
+  down projections) do not square. Where the check below fails after ``KRYLOV_MAX_STEPS`` blocks, it takes
+  ``exact`` for that module. Float32 products are not used: measured on SmolLM2, a float32 iteration stalls
+  near sin θ 1e-6 on ordinary modules and gives a useless subspace (sin θ ≈ 1) where σ₁/σ₂ ≈ 2e4.
+* ``auto``: ``krylov`` where a module is wide enough that it is faster (min(d_in, d_out) ≥ ``KRYLOV_MIN_WIDTH``
+  and its largest basis fits in it), on CPU and CUDA alike; else the gram solution where its check
+  passes for every prefix, after deflating a leading part that passes where needed (:func:`_peeled_gram`);
+  else ``exact``. On CPU the gram path forms one triangle of the Gram (BLAS SYRK) and asks LAPACK for the top
+  r + 1 pairs alone (:func:`_top_eigh`), and for a tall W0 (an MLP's up and gate projections) solves the
+  square R·S, R the Cholesky factor of W0ᵀW0, with the same right singular pairs at 0.6× the work
+  (:func:`_gram_operand`); elsewhere it takes the full Gram product and a full ``torch.linalg.eigh``.
+
+What is checked, and what is not. The check (:func:`_prefix_check`) is an a-posteriori estimate from
+computed residuals, a heuristic, not a proof. For computed pairs (θ_i = σ_i², v_i) of the Gram G = MᵀM with
+residuals r_i = G·v_i − θ_i·v_i, Davis–Kahan gives, for prefix k, sin θ_k ≤ (Σ_{i≤k} ‖r_i‖²/(θ_i − λ_k+1)²)^½
+with λ_k+1 the exact next eigenvalue. It is estimated by θ_k+1 + ‖r_k+1‖, and accepted below ``PREFIX_SINE``;
+where σ_k and σ_k+1 nearly coincide (relative gap below ``NEAR_GAP``: the subspace itself is ill-defined)
+the prefix is accepted instead when a Kato–Temple estimate puts its captured energy ‖M·Aᵀ‖²_F within
+``PREFIX_ENERGY`` of the exact. It can be wrong where (a) an exact eigenvalue that no computed pair has
+seen lies between θ_k+1 and θ_k (a block method misses a direction its start vectors are blind to; the
+seeded Gaussian start makes that improbable, not impossible), (b) rounding in forming or applying the
+operand is not in the residual: a Gram's own rounding (~eps·σ₁², which hides σ_i below ~√eps·σ₁: hence the
+gram path's deflation) and, for R·S, that of W0ᵀW0 (bounded through ``R_SCALE_LIMIT``); Krylov's residuals
+are computed by products in float64 and projected off the basis, so their rounding stays at ~eps·σ₁·σ_i, or
+(c) Kato–Temple's gap is taken to the smallest computed pair, not to the exact spectrum. Tests compare
+every prefix with a numpy float64 SVD; the benchmark (``benchmarks/spectrum_width.py``) with the exact
+solver on all of SmolLM2's modules. ``gram_error_bound`` is the a-priori Davis–Kahan estimate of the gram
+path's error from the Gram's rounding (also an estimate: it takes the rounding as ~eps·(d_in + d_out)·σ₁²).
 Each vector's sign is fixed (largest-magnitude entry positive), so results are reproducible.
 """
 
@@ -53,28 +67,35 @@ from tlora.targets import get_module, weight_out_in
 
 log = logging.getLogger(__name__)
 
-Solver = Literal["auto", "exact", "gram", "randomized"]
+Solver = Literal["auto", "exact", "gram", "krylov"]
 GRAM_TOLERANCE = 1e-6
-"""Largest estimated principal-angle error (sin θ) for which ``auto`` keeps the gram solution."""
-RANDOMIZED_SINE = 1e-5
-"""Largest estimated sin θ of a prefix subspace at which the randomized solver stops."""
-RANDOMIZED_ENERGY = 1e-10
+"""Largest a-priori estimate of sin θ (:func:`gram_error_bound`) for which ``auto`` keeps the gram solution."""
+PREFIX_SINE = 1e-5
+"""Largest estimated sin θ of a prefix subspace that the residual check accepts."""
+PREFIX_ENERGY = 1e-10
 """Largest estimated relative error of a prefix's captured energy ‖M·Aᵀ‖²_F, where its gap is near zero."""
 NEAR_GAP = 1e-2
 """Relative gap (σ_k − σ_k+1)/σ_k below which prefix k is judged by energy instead of angle."""
-RANDOMIZED_MAX_ITER = 24
+KRYLOV_MIN_WIDTH = 1024
+"""Smallest min(d_in, d_out) at which ``auto`` takes the Krylov solver. Below it the dense Gram is faster (1 CPU
+thread, r = 32: at SmolLM2's 576 a Krylov basis needs ~300 columns, half the width; random Llama shapes at d = 512:
+gram 45–104 ms, Krylov 49–175 ms; at d = 1024: gram 245–594 ms, Krylov 208–545 ms)."""
+KRYLOV_OVERSAMPLE = 16
+"""Krylov block size b = r + KRYLOV_OVERSAMPLE."""
+KRYLOV_MAX_STEPS = 12
+"""Most Krylov blocks per module (the basis holds at most this many times b columns) before ``exact``."""
+_KRYLOV_FIRST_CHECK = 3  # blocks before the first residual check (it costs about one block and cannot pass yet)
 PEEL_ROUNDS = 3
-"""Most gram solves per module in ``auto``, each after deflating the leading vectors the last one certified."""
+"""Most gram solves per module in ``auto``, each after deflating the leading vectors the last one accepted."""
 R_SCALE_LIMIT = 1e3
 """Largest ratio of the R·S operand's rounding scale ‖W0ᵀW0‖_F·‖S‖²_F to σ₁² at which ``auto`` keeps a solve that
-its residuals certify (20–224 on SmolLM2's MLPs). The residual test, for W0·S as for R·S, does not see how the Gram
-was rounded; R·S multiplies that rounding by up to this ratio (measured on SmolLM2's up/gate: worst sin θ 3e-12
-against the exact SVD). Past it, only the a-priori bound, which counts the scale, keeps R·S; else W0·S is formed."""
+passes its residual check (20–224 on SmolLM2's MLPs). The residual check, for W0·S as for R·S, does not see how the
+Gram was rounded; R·S multiplies that rounding by up to this ratio (measured on SmolLM2's up/gate: worst sin θ 3e-12
+against the exact SVD). Past it, only the a-priori estimate, which counts the scale, keeps R·S; else W0·S is formed."""
 SUBSET_RATIO = 3
 """On CPU the gram solver asks LAPACK for the top k = r + 1 pairs only where SUBSET_RATIO·k ≤ n (the Gram's
 width); past that a full ``eigh`` is as cheap (1 thread, Gram product included: k = 65 of n = 576, 21–34 ms
 against 46–54 ms; of n = 192, 2.7 ms either way)."""
-_UNCHECKED = 2  # first steps without the Ritz check (it cannot pass yet)
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -85,7 +106,7 @@ class Spectrum:
     vectors: dict[str, torch.Tensor]  # module -> [r_max_i, d_in], float64, orthonormal rows (rows of Vᴴ)
     values: dict[str, torch.Tensor]  # module -> [r_max_i], float64, descending
     r_max: int
-    solver: dict[str, str] = field(default_factory=dict)  # module -> "exact" | "gram" | "randomized"
+    solver: dict[str, str] = field(default_factory=dict)  # module -> "exact" | "gram" | "krylov"
     model_fingerprint: str | None = None
 
 
@@ -103,9 +124,9 @@ def compute_spectrum(
 
     Args:
         modules: the modules to compute (default: every module of the covariance).
-        solver: ``exact``, ``gram``, ``randomized`` (exact where it does not converge), or ``auto``
-            (gram where its a-priori bound or its residuals certify it, after deflating a certified leading part
-            where needed; else exact).
+        solver: ``exact``, ``gram``, ``krylov`` (exact where its residual check fails), or ``auto`` (krylov for
+            wide modules, else gram where its a-priori estimate or its residual check accepts it, after deflating
+            an accepted leading part where needed; exact where neither accepts; see the module docstring).
         check_fingerprint: refuse a covariance recorded for another model.
         model_fingerprint: the model's fingerprint when the caller has it (the pipeline records it once, in
             the model stage); hashed from the model's weights when ``None`` (~0.4 s at 135M parameters).
@@ -146,7 +167,7 @@ def compute_spectrum(
         vectors[name], values[name], used[name] = module_spectrum(weight, cache[group], covariance.n_samples, r,
                                                                   solver)
     log.info("spectrum of %d modules (r_max=%d): %s", len(used), r_max,
-             ", ".join(f"{sum(u == k for u in used.values())} {k}" for k in ("randomized", "gram", "exact")))
+             ", ".join(f"{sum(u == k for u in used.values())} {k}" for k in ("krylov", "gram", "exact")))
     return Spectrum(vectors=vectors, values=values, r_max=r_max, solver=used, model_fingerprint=fingerprint)
 
 
@@ -219,44 +240,124 @@ def _top_right_singular(weight: torch.Tensor, s: torch.Tensor, r: int, solver: S
     """Top-r right singular vectors ``[r, d_in]`` and values ``[r]`` of W0·S, and the solver that made them."""
     if solver == "exact":
         return (*_exact(_product(weight, s), r), "exact")
-    if solver == "randomized":
-        m = _product(weight, s)
-        found = _randomized(m, r)
-        return (*found, "randomized") if found is not None else (*_exact(m, r), "exact")
     if solver == "gram":
         v, sv, _, _ = _gram(_product(weight, s), r)
         return v, sv, "gram"
+    if solver == "krylov" or (solver == "auto" and _krylov_pays(*weight.shape, r)):
+        found = _krylov(weight, s, r)
+        return (*found, "krylov") if found is not None else (*_exact(_product(weight, s), r), "exact")
     m, scale = _gram_operand(weight, s)
-    if scale is not None:  # R·S: kept where one solve certifies it and W0ᵀW0's rounding stays small beside σ₁²
-        v, sv, sigma, ok = _gram(m, r, certify=True)
+    if scale is not None:  # R·S: kept where one solve passes the check and W0ᵀW0's rounding stays small beside σ₁²
+        v, sv, sigma, ok = _gram(m, r, check=True)
         trusted = bool(ok.all()) and scale <= R_SCALE_LIMIT * float(sigma[0]) ** 2
         if trusted or gram_error_bound(sigma, r, *reversed(weight.shape), scale=scale) <= GRAM_TOLERANCE:
             return v, sv, "gram"
         m = _product(weight, s)  # R lost what squaring W0 hides: deflation needs W0·S itself
-    found = _certified_gram(m, r)
+    found = _peeled_gram(m, r)
     return (*found, "gram") if found is not None else (*_exact(m, r), "exact")
 
 
-def _certified_gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The gram solution of M where it is certified for every prefix, peeling certified leading vectors off;
-    else None.
+def _krylov_pays(d_out: int, d_in: int, r: int) -> bool:
+    """Whether ``auto`` takes the Krylov solver: a wide module whose largest basis fits in it."""
+    return min(d_out, d_in) >= KRYLOV_MIN_WIDTH and KRYLOV_MAX_STEPS * (r + KRYLOV_OVERSAMPLE) <= min(d_out, d_in)
+
+
+def _krylov(weight: torch.Tensor, s: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-r right singular vectors ``[r, d_in]`` and values ``[r]`` of M = W0·S by block Krylov, or None where the
+    residual check fails for some prefix within ``KRYLOV_MAX_STEPS`` blocks (or the basis cannot grow).
+
+    Block Golub–Kahan–Lanczos, float64, M applied only as products: X_0 a seeded Gaussian block of b = r +
+    ``KRYLOV_OVERSAMPLE`` orthonormal columns; per step P_j = W0·(S·X_j), orthonormalized against the earlier
+    Y blocks (P = Y·R, R block upper triangular) into Y_j; X_j+1 = S·(W0ᵀ·Y_j) orthonormalized against the
+    earlier X blocks. span(X_0..X_j) is the block Krylov space of MᵀM, built through M and Mᵀ alternately, so
+    each product's rounding is ~eps·σ₁ rather than a Gram's eps·σ₁². Rayleigh–Ritz: M·X = Y·R, so the SVD of
+    the L × L matrix R gives the Ritz values σ̃ and right vectors X·W; residuals G·v − σ̃²·v come from one more
+    product Mᵀ·(M·v) with the last Y, projected off span(X) (exact arithmetic: already orthogonal to it; in
+    floating point this removes the rounding along the dominant directions, which span(X) contains).
+    Cost per module ≈ 2·(d_in² + d_out·d_in)·L multiply-adds plus O((d_in + d_out)·L² + L³) for the bases and
+    the checks, L ≤ ``KRYLOV_MAX_STEPS``·b.
+    """
+    d_out, d_in = weight.shape
+    b = r + KRYLOV_OVERSAMPLE
+    steps = min(KRYLOV_MAX_STEPS, min(d_out, d_in) // b)  # Y cannot hold more than d_out orthonormal columns
+    if steps < 1:
+        return None
+    w = weight.to(torch.float64)  # [d_out, d_in]
+    gen = torch.Generator(device=w.device).manual_seed(0)
+    x = torch.linalg.qr(torch.randn(d_in, b, dtype=torch.float64, device=w.device, generator=gen)).Q
+    xs: list[torch.Tensor] = [x]  # X blocks, each [d_in, b]
+    ys: list[torch.Tensor] = []  # Y blocks, each [d_out, b]
+    cols: list[torch.Tensor] = []  # R's block columns: [b·(j+1), b] each
+    for step in range(steps):
+        y, col = _orthonormalize(w @ (s @ x), torch.cat(ys, 1) if ys else None)  # M·X_j = Y·col
+        ys.append(y)
+        cols.append(col)
+        if step + 1 >= min(_KRYLOV_FIRST_CHECK, steps):
+            found = _krylov_ritz(w, s, torch.cat(xs, 1), torch.cat(ys, 1), cols, r)
+            if found is not None:
+                return found
+        if step + 1 < steps:
+            x, _ = _orthonormalize(s @ (w.T @ y), torch.cat(xs, 1))
+            xs.append(x)
+    return None
+
+
+def _orthonormalize(z: torch.Tensor, basis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z's new directions as an orthonormal block Q against ``basis`` (block Gram–Schmidt, twice), and the
+    coefficients ``[basis columns + b, b]`` with Z = [basis, Q]·coefficients."""
+    if basis is None:
+        q, tri = torch.linalg.qr(z)
+        return q, tri
+    c = basis.T @ z
+    z = z - basis @ c
+    c2 = basis.T @ z  # the second pass: what rounding left of the basis in z
+    z = z - basis @ c2
+    q, tri = torch.linalg.qr(z)
+    return q, torch.cat([c + c2, tri])
+
+
+def _krylov_ritz(w: torch.Tensor, s: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cols: list[torch.Tensor],
+                 r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rayleigh–Ritz on span(X): the top-r pairs where every prefix passes :func:`_prefix_check`, else None."""
+    n_cols = x.shape[1]
+    tri = torch.zeros(n_cols, n_cols, dtype=torch.float64, device=x.device)  # M·X = Y·tri
+    start = 0
+    for col in cols:
+        tri[: col.shape[0], start: start + col.shape[1]] = col
+        start += col.shape[1]
+    u, sigma, wh = torch.linalg.svd(tri)
+    k = min(r + 1, n_cols)
+    v = x @ wh[:k].T  # [d_in, k] Ritz vectors
+    mv = y @ (u[:, :k] * sigma[:k])  # M·v = Y·tri·w = Y·u·σ, without another product with M
+    g = s @ (w.T @ mv)  # Mᵀ·M·v, [d_in, k]
+    for _ in range(2):  # the exact residual is orthogonal to span(X): keep what lies outside it
+        g = g - x @ (x.T @ g)
+    residual = torch.linalg.vector_norm(g, dim=0)
+    if not bool(_prefix_check(sigma.square(), residual, r, min(w.shape)).all()):
+        return None
+    return v[:, :r].T, sigma[:r]
+
+
+def _peeled_gram(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gram solution of M where every prefix passes the residual check, peeling accepted leading vectors
+    off; else None.
 
     Where the Gram's dynamic range hides the lower vectors (an LLM's massive activations: σ₁/σ₂ up to ~1e5
-    in a down projection, so eigh of the Gram resolves σ² only to ~eps·σ₁²), the leading prefix that is
-    certified at a clear gap is kept, deflated (M ← M − M·VᵀV, which leaves the other singular pairs as they
+    in a down projection, so eigh of the Gram resolves σ² only to ~eps·σ₁²), the leading prefix that passes
+    at a clear gap is kept, deflated (M ← M − M·VᵀV, which leaves the other singular pairs as they
     are), and the rest solved again at the smaller σ₁ (at most ``PEEL_ROUNDS`` solves; ~2 Gram solves instead
-    of an SVD). Each prefix of the result is certified by the solve that made it; what deflating by the kept
-    vectors' own small error adds (about σ₁ times their certified sine) is not in the later certificates.
+    of an SVD). Each prefix of the result passed the check of the solve that made it; what deflating by the kept
+    vectors' own small error adds (about σ₁ times their estimated sine) is not in the later checks.
     """
     d_out, d_in = m.shape
     rows, vals, done, scale = [], [], 0, None
     for peel in range(PEEL_ROUNDS):
-        v, sv, sigma, ok = _gram(m, r - done, certify=True)
+        v, sv, sigma, ok = _gram(m, r - done, check=True)
         if bool(ok.all()) or gram_error_bound(sigma, r - done, d_in, d_out, scale=scale) <= GRAM_TOLERANCE:
             rows.append(v)
             vals.append(sv)
             break
-        run = int(ok.int().cumprod(0).sum())  # the leading prefixes that are certified
+        run = int(ok.int().cumprod(0).sum())  # the leading prefixes that pass
         clear = (sigma[1:run + 1] < (1 - NEAR_GAP) * sigma[:run]).nonzero()  # ... and end at a clear gap
         if len(clear) == 0 or peel == PEEL_ROUNDS - 1:
             return None
@@ -307,22 +408,22 @@ def _exact(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vh[:r], s[:r]
 
 
-def _gram(m: torch.Tensor, r: int, *, certify: bool = False
+def _gram(m: torch.Tensor, r: int, *, check: bool = False
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eigen-solve the smaller Gram matrix for its top ``r + 1`` pairs; also return their σ (descending) for the
-    error bound, and, with ``certify``, per prefix k = 1..r whether the top eigenvectors' residuals pass
-    :func:`_ritz_certified` (all False without)."""
+    error estimate, and, with ``check``, per prefix k = 1..r whether the top eigenvectors' residuals pass
+    :func:`_prefix_check` (all False without)."""
     right = _gram_is_right(m)
     n = min(m.shape)
-    k = min(r + 1, n)  # σ_r+1 closes the last gap of both certificates
+    k = min(r + 1, n)  # σ_r+1 closes the last gap of both estimates
     subset = m.device.type == "cpu" and SUBSET_RATIO * k <= n  # else a full eigh is as cheap (measured)
     found = _top_gram_eigh_lapack(m, right, k, r) if subset else None
     lam, x, gx = found if found is not None else _top_gram_eigh_torch(m, k, r)
     x = x[:, :r]  # right singular vectors (MᵀM) or left ones (MMᵀ)
-    certified = torch.zeros(r, dtype=torch.bool)
-    if certify:  # the residuals of the computed pairs against the same Gram, as the randomized solver does
+    passed = torch.zeros(r, dtype=torch.bool)
+    if check:  # the residuals of the computed pairs against the same Gram
         residual = torch.linalg.vector_norm(gx - x * lam[:r], dim=0)
-        certified = _ritz_certified(lam, residual, r, n)
+        passed = _prefix_check(lam, residual, r, n)
     if right:
         v = x  # [d_in, r]
         s = torch.linalg.vector_norm(m @ v, dim=0)  # ‖Mv‖: second order in v's error, unlike sqrt(λ)
@@ -331,7 +432,7 @@ def _gram(m: torch.Tensor, r: int, *, certify: bool = False
         s = torch.linalg.vector_norm(y, dim=0)  # ‖Mᵀu‖: second order in u's error, like ‖Mv‖
         qq, rr = torch.linalg.qr(y)
         v = qq * torch.where(rr.diagonal() < 0, -1.0, 1.0)
-    return v.T, s, lam.clamp(min=0).sqrt(), certified
+    return v.T, s, lam.clamp(min=0).sqrt(), passed
 
 
 def _top_gram_eigh_lapack(m: torch.Tensor, right: bool, k: int, r: int
@@ -406,56 +507,12 @@ def _gram_is_right(m: torch.Tensor) -> bool:
     return m.shape[1] <= m.shape[0]
 
 
-def _block(r: int) -> int:
-    """Block size of the subspace iteration: twice the wanted rank (oversampling r, at least 8)."""
-    return r + max(r, 8)
+def _prefix_check(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int) -> torch.Tensor:
+    """Per prefix k = 1..r, whether the residuals put it within tolerance of the exact (module docstring).
 
-
-def _randomized(m: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Top-r right singular vectors and values by subspace iteration, or None if it did not converge.
-
-    G is the smaller Gram matrix (n × n); Q (n × l) an orthonormal block. Each step forms Y = G·Q, takes
-    the Ritz pairs (θ, X = Q·W) of G in span(Q) and their residuals R = Y·W − X·diag(θ), and stops when
-    :func:`_ritz_certified` accepts every prefix; else Q ← orth(Y).
-    """
-    gram, right = _smaller_gram(m)
-    n, l = gram.shape[0], min(_block(r), gram.shape[0])
-    start = torch.randn(n, l, dtype=m.dtype, device=m.device,
-                        generator=torch.Generator(device=m.device).manual_seed(0))
-    q = torch.linalg.qr(gram @ start).Q  # [n, l]
-    for step in range(RANDOMIZED_MAX_ITER):
-        y = gram @ q  # [n, l]
-        if step < _UNCHECKED or (step - _UNCHECKED) % 2:  # the check every other step: it costs as much
-            q = torch.linalg.qr(y).Q
-            continue
-        h = q.T @ y
-        theta, w = torch.linalg.eigh((h + h.T) / 2)  # ascending
-        theta, w = theta.flip(0), w.flip(1)
-        x = q @ w[:, :r]  # [n, r] Ritz vectors
-        residual = torch.linalg.vector_norm(y @ w[:, :r] - x * theta[:r], dim=0)  # [r]
-        if bool(_ritz_certified(theta, residual, r, n).all()):
-            break
-        q = torch.linalg.qr(y).Q
-    else:
-        return None
-    # Rayleigh–Ritz on M itself: the SVD of the thin projection keeps the small σ that the Gram squares away.
-    # Through its l × l triangular factor: the same singular values and right vectors, a fraction of the cost.
-    if right:
-        tri = torch.linalg.qr(m @ q, mode="r").R  # M·Q = Q'·R, so M·Q's right vectors are R's
-        _, s, wh = torch.linalg.svd(tri)
-        v = (q @ wh.T)[:, :r].T
-    else:
-        qq, tri = torch.linalg.qr(m.T @ q)  # Qᵀ·M = Rᵀ·Q'ᵀ, so its right vectors are Q'·(Rᵀ's right vectors)
-        _, s, wh = torch.linalg.svd(tri.T)
-        v = (qq @ wh.T)[:, :r].T
-    return v, s[:r]
-
-
-def _ritz_certified(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int) -> torch.Tensor:
-    """Per prefix k = 1..r, whether the residuals put it within tolerance of the exact (see module docstring).
-
-    θ (descending, l ≥ r + 1 values) estimate λ = σ²; Davis–Kahan gives sin θ_k ≲ ‖R_k‖_F / (θ_k − θ_k+1),
-    Kato–Temple λ_i − θ_i ≲ ‖r_i‖² / (θ_i − θ_l), θ_l the smallest Ritz value of the block.
+    θ: computed eigenvalues of the Gram (descending, l ≥ r + 1 of them, the last the smallest the solver
+    holds); ``residual``: ‖G·v_i − θ_i·v_i‖ for i = 1..r, or r + 1 (then λ_k+1 is estimated by θ_k+1 + ‖r_k+1‖,
+    else by θ_k+1). n: the Gram's rank bound min(d_in, d_out).
     """
     theta = theta.clamp(min=0)
     if theta[0] <= 0:
@@ -463,17 +520,21 @@ def _ritz_certified(theta: torch.Tensor, residual: torch.Tensor, r: int, n: int)
     if r >= n:  # prefix n is all of M's row space, so exact; the shorter ones still need the test
         ok = torch.ones(r, dtype=torch.bool, device=theta.device)
         if n > 1:
-            ok[: n - 1] = _ritz_certified(theta, residual[: n - 1], n - 1, n)
+            ok[: n - 1] = _prefix_check(theta, residual[:n], n - 1, n)
         return ok
     lam = theta[: r + 1]
-    res2 = residual.square().cumsum(0)  # ‖R_k‖²_F
-    gap = lam[:r] - lam[1:]
-    sine = res2.sqrt() / gap.clamp(min=_EPS * lam[0])
-    outer = (lam[:r] - theta[-1]).clamp(min=_EPS * lam[0])
-    energy = (residual.square() / outer).cumsum(0) / lam[:r].cumsum(0)
+    res = residual[:r]
+    ahead = residual[1: r + 1]
+    nxt = lam[1:] + torch.cat([ahead, ahead.new_zeros(r - len(ahead))])  # estimates of λ_k+1, k = 1..r
+    floor = _EPS * lam[0]
+    gaps = (lam[:r, None] - nxt[None, :]).clamp(min=floor)  # [i, k]: θ_i − λ_k+1
+    upper = torch.ones(r, r, dtype=torch.bool, device=theta.device).triu()  # i ≤ k
+    sine = ((res[:, None] / gaps).square() * upper).sum(0).sqrt()
+    outer = (lam[:r] - theta[-1]).clamp(min=floor)
+    energy = (res.square() / outer).cumsum(0) / lam[:r].cumsum(0)
     sigma = lam.sqrt()
     near = (sigma[:r] - sigma[1:]) < NEAR_GAP * sigma[:r]
-    return (sine <= RANDOMIZED_SINE) | (near & (energy <= RANDOMIZED_ENERGY))
+    return (sine <= PREFIX_SINE) | (near & (energy <= PREFIX_ENERGY))
 
 
 def _fix_signs(v: torch.Tensor) -> torch.Tensor:
