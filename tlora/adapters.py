@@ -91,9 +91,16 @@ def init_adapters(
                                  f"vectors (r_max={spectrum.r_max}); recompute the spectrum with r_max >= {m.rank}")
     config = lora_config(allocation, dropout=dropout, fan_in_fan_out=_any_conv1d(model, kept),
                          init_lora_weights="pissa" if init == "pissa" else True)
+    on_meta = any(get_module(model, name).weight.is_meta for name in kept)
+    if on_meta and spectrum is None:
+        raise ValueError(f"init={init!r} on a model skeleton (weights on the meta device) is not possible: load the "
+                         "model's weights (only init='spectrum' needs no base weights)")
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     for name, m in kept.items():
         layer = _lora_layer(peft_model, name)
+        if on_meta:  # a streamed model's skeleton: A and B are real, the base weights stay where they are
+            for lora in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+                lora.to_empty(device="cpu")
         with torch.no_grad():
             a = layer.lora_A[adapter_name].weight  # [r_i, d_in]
             if spectrum is not None:
