@@ -97,7 +97,7 @@ class ModelFolder:
         return out
 
 
-def model_class(config: Any) -> type[PreTrainedModel]:
+def model_class(config: Any) -> type:
     """The class named by the config's ``architectures`` (transformers' own), else the causal-LM auto class."""
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
@@ -140,7 +140,9 @@ class LayerStream:
         self.dtype = dtype
         self.max_resident = max_resident
         with init_empty_weights(include_buffers=False):
-            self.model = model_class(self.folder.config)._from_config(self.folder.config, dtype=dtype)
+            cls = model_class(self.folder.config)
+            build = cls._from_config if issubclass(cls, PreTrainedModel) else cls.from_config
+            self.model = build(self.folder.config, dtype=dtype)
         self.model.eval()
         self.prefix, self.layers = decoder_layers(self.model)
         tied = set(getattr(self.model, "all_tied_weights_keys", None) or {})
