@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from flows import plots
 from flows.config import PipelineConfig
 from flows.lineage import Dataset
-from flows.prepare import load_base, task_identity, task_splits
+from flows.prepare import load_base, model_skeleton, task_identity, task_splits
 from flows.progress import ProgressCallback, stage_progress
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
 from tlora.adapters import AdapterInfo, load_adapters, read_adapter_info, save_adapters
@@ -64,8 +64,7 @@ class AllocationParams(StageParams):
 
 def compute_allocation(p: AllocationParams, ctx: RunContext, out: Path) -> StageOutput:
     """Per-module rank, alpha and scaling under the budget, as ``allocation.json``."""
-    model, _, _ = load_base(ctx, p.model)
-    targets = find_targets(model, p.targets)
+    targets = find_targets(model_skeleton(ctx, p.model), p.targets, example_inputs={})  # shapes only: no weights
     shapes = {name: (t.d_out, t.d_in) for name, t in targets.modules.items()}
     scores = None
     if p.sensitivity is not None:
@@ -98,7 +97,8 @@ class InitParams(StageParams):
 
 def compute_init(p: InitParams, ctx: RunContext, out: Path) -> StageOutput:
     """The untrained PEFT adapter folder (A from the spectrum and frozen for TLoRA, B = 0)."""
-    model, _, _ = load_base(ctx, p.model)
+    # TLoRA's A comes from the spectrum and B is 0: the base weights are never read, so a skeleton does
+    model = model_skeleton(ctx, p.model) if p.method.needs_spectrum else load_base(ctx, p.model)[0]
     allocation = Allocation.model_validate_json((ctx.open(p.allocation) / "allocation.json").read_text())
     spectrum = load_spectrum(ctx.open(p.spectrum) / "spectrum.zarr") if p.spectrum is not None else None
     torch.manual_seed(p.seed)

@@ -28,7 +28,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     source: str = "demo"
     """An HF folder, a ``.gguf`` file, a hub id, or ``demo`` (SmolLM2-135M-Instruct, shipped offline)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights' dtype in every stage: ``auto`` is bfloat16 on CUDA, float32 elsewhere (resolved before keys are made;
+    the statistics stay float32 products into float64 sums whatever it is)."""
     trust_remote_code: bool = False
 
 

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from flows import adapt, prepare, shards
 from flows.config import CalibrationSource, PipelineConfig
 from flows.lineage import tracking_uri
+from flows.prepare import resolve_device
 from flows.stage import RunContext, StageParams, StageResult, call
 from tlora.allocation import Budget
 from tlora.methods import Method
@@ -270,11 +271,6 @@ def published(ctx: RunContext, stage: str, params: StageParams, deployment: str)
                            f"{ctx.stages}: the gpu workers must share the store (store.stages) with this one")
     return StageResult(stage=stage, key=key, uri=store.uri(stage, key), run_id=manifest.run_id,
                        parent_run_id=manifest.parent_run_id, reused=manifest.parent_run_id != ctx.parent_run_id)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` as ``cuda`` where this machine has a GPU, else ``cpu``; anything else as given."""
-    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def mix(ctx: RunContext, mix_task, parts: list[StageResult], weights: list[float]) -> StageResult:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ from flows.config import CalibrationSource, PipelineConfig
 from flows.lineage import Dataset
 from flows.progress import stage_progress
 from flows.stage import UNKEYED, RunContext, StageOutput, StageParams, StageResult, stage_task
-from tlora.covariance import Covariance, collect_covariance, load_covariance, merge_covariances, save_covariance
+from tlora.covariance import Covariance, load_covariance, merge_covariances, save_covariance
 from tlora.data import (
     Calibration,
     TaskSpec,
@@ -37,9 +38,11 @@ from tlora.data import (
     sample_calibration,
     save_calibration,
 )
-from tlora.models import convert_gguf, demo_gguf_path, ensure_demo_model, load_model, model_fingerprint
-from tlora.sensitivity import Scores, score_sensitivity
-from tlora.spectrum import compute_spectrum, save_spectrum
+from tlora.models import convert_gguf, demo_gguf_path, ensure_demo_model, load_model
+from tlora.prepare import COVARIANCE_STORE, SPECTRUM_STORE, default_dtype, stream_covariance, stream_spectrum
+from tlora.sensitivity import Scores, score_sensitivity, stream_sensitivity
+from tlora.spectrum import load_spectrum, save_spectrum
+from tlora.stream import LayerStream
 from tlora.targets import TargetSpec, find_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,18 +65,32 @@ class ModelParams(StageParams):
     identity: str
     """sha256 of a local source's files (so a moved copy keeps its key), or the hub id."""
     dtype: Literal["float32", "bfloat16", "float16"]
+    """Resolved (``auto``: bfloat16 on CUDA, float32 elsewhere), so a CPU and a GPU model never share a key."""
     trust_remote_code: bool
     source: str = Field(json_schema_extra=UNKEYED)
 
     @classmethod
     def of(cls, cfg: PipelineConfig) -> ModelParams:
         m = cfg.model
-        return cls(identity=source_identity(m.source), dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                   source=m.source)
+        return cls(identity=source_identity(m.source), dtype=resolve_dtype(m.dtype, cfg.device),
+                   trust_remote_code=m.trust_remote_code, source=m.source)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The model dtype ``auto`` stands for on ``device`` (``auto`` devices resolved first); others as given."""
+    if dtype != "auto":
+        return dtype
+    return str(default_dtype(resolve_device(device))).removeprefix("torch.")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` as ``cuda`` where this machine has a GPU, else ``cpu``; anything else as given."""
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def compute_model(p: ModelParams, ctx: RunContext, out: Path) -> StageOutput:
-    """The model as an HF safetensors folder (linked from a local source, else saved) and its fingerprint."""
+    """The model as an HF safetensors folder (linked from a local source, else saved) and its fingerprint, hashed
+    one tensor at a time (the model is never loaded whole here)."""
     folder = _local_folder(p.source)
     if folder is not None:
         shutil.copytree(folder, out, copy_function=_link_or_copy, dirs_exist_ok=True,
@@ -82,9 +99,11 @@ def compute_model(p: ModelParams, ctx: RunContext, out: Path) -> StageOutput:
         model, tokenizer = load_model(p.source, trust_remote_code=p.trust_remote_code)
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-    model, _ = load_model(out, dtype=DTYPES[p.dtype], trust_remote_code=p.trust_remote_code)
-    info = ModelInfo(fingerprint=model_fingerprint(model), source=p.source, identity=p.identity, dtype=p.dtype,
-                     n_parameters=sum(t.numel() for t in model.parameters()), trust_remote_code=p.trust_remote_code)
+        del model
+    stream = LayerStream(out, dtype=DTYPES[p.dtype])
+    info = ModelInfo(fingerprint=stream.fingerprint(), source=p.source, identity=p.identity, dtype=p.dtype,
+                     n_parameters=sum(t.numel() for t in stream.model.parameters()),
+                     trust_remote_code=p.trust_remote_code)
     (out / "fingerprint.json").write_text(info.model_dump_json(indent=2))
     return StageOutput(metrics={"n_parameters": info.n_parameters})
 
@@ -137,26 +156,41 @@ class CovarianceParams(CalibrationReader):
     targets: TargetSpec
     precision: Literal["float32", "float64"]
     batch_size: int = Field(json_schema_extra=UNKEYED)
+    r_max: int | None = Field(None, json_schema_extra=UNKEYED)
+    """The spectrum stage's r_max and solver: each layer's spectra are computed as its sums complete and kept for
+    that stage (:func:`spectrum_stash`); they are not part of this stage's key or artifact."""
+    solver: str = Field("auto", json_schema_extra=UNKEYED)
 
     @classmethod
     def of(cls, cfg: PipelineConfig, model: StageResult, calibration: StageResult) -> CovarianceParams:
         c = cfg.covariance
         return cls(model=model, calibration=calibration, targets=cfg.targets, precision=c.precision,
-                   batch_size=c.batch_size)
+                   batch_size=c.batch_size, r_max=cfg.spectrum.r_max, solver=cfg.spectrum.solver)
 
 
 def compute_covariance(p: CovarianceParams, ctx: RunContext, out: Path) -> StageOutput:
-    """Per-sample-centred float64 input sums of every shared-input group, as ``covariance.zarr``."""
-    model, _, info = load_base(ctx, p.model)
+    """Per-sample-centred float64 input sums of every shared-input group, as ``covariance.zarr``, one decoder layer
+    at a time; built in a work folder kept across runs, so a killed run resumes at its first unfinished layer."""
+    stream, info = open_stream(ctx, p.model)
     calib = p.samples(load_calibration(ctx.open(p.calibration)))
-    targets = find_targets(model, p.targets)
+    key = p.key("covariance")
+    work = work_dir(ctx, "covariance", key)
+    r_max = p.r_max if type(p).samples is CalibrationReader.samples else None  # a shard's would be of its slice
     with stage_progress("covariance", "covariance", terminal=ctx.progress) as on_progress:
-        cov = collect_covariance(model, calib.batches(p.batch_size), targets, precision=p.precision,
-                                 model_fingerprint=info.fingerprint, data_fingerprint=calib.meta.data_fingerprint,
-                                 progress=False, on_progress=on_progress)
-    save_covariance(out / "covariance.zarr", cov, compressors=ctx.compressors)
+        cov, _ = stream_covariance(stream, calib.batches(p.batch_size), p.targets, r_max=r_max, solver=p.solver,
+                                   precision=p.precision, out=work, compressors=ctx.compressors,
+                                   model_fingerprint=info.fingerprint, data_fingerprint=calib.meta.data_fingerprint,
+                                   progress=False, on_progress=on_progress)
+    os.rename(work / COVARIANCE_STORE, out / COVARIANCE_STORE)
+    if r_max is not None:
+        os.rename(work / SPECTRUM_STORE, work / spectrum_stash(r_max, p.solver))
     return StageOutput(metrics={"n_tokens": cov.n_tokens, "n_samples": cov.n_samples, "n_groups": len(cov.sums),
                                 "n_modules": len(cov.modules)})
+
+
+def spectrum_stash(r_max: int, solver: str) -> str:
+    """Where the spectrum the covariance stage computed on the way waits for the spectrum stage (in its work folder)."""
+    return f"spectrum-r{r_max}-{solver}.zarr"
 
 
 class MixParams(StageParams):
@@ -203,11 +237,19 @@ class SpectrumParams(StageParams):
 
 
 def compute_spectrum_stage(p: SpectrumParams, ctx: RunContext, out: Path) -> StageOutput:
-    """Top ``r_max`` right singular vectors of ``W0·C`` per module, as ``spectrum.zarr``."""
-    model, _, info = load_base(ctx, p.model)
-    cov = load_covariance(ctx.open(p.covariance) / "covariance.zarr")
-    spectrum = compute_spectrum(model, cov, p.r_max, solver=p.solver, model_fingerprint=info.fingerprint)
-    save_spectrum(out / "spectrum.zarr", spectrum, compressors=ctx.compressors)
+    """Top ``r_max`` right singular vectors of ``W0·C`` per module, as ``spectrum.zarr``: the one the covariance
+    stage computed on the way where it is there, else from the stored covariance, weights streamed, no forward."""
+    stash = work_dir(ctx, "covariance", p.covariance.key, create=False) / spectrum_stash(p.r_max, p.solver)
+    try:
+        spectrum = load_spectrum(stash)
+    except ValueError:  # no stash (a new r_max, or the covariance was reused): compute it
+        stream, _ = open_stream(ctx, p.model)
+        cov = load_covariance(ctx.open(p.covariance) / COVARIANCE_STORE, lazy=True)
+        spectrum = stream_spectrum(stream, cov, p.r_max, solver=p.solver, progress=False)
+        save_spectrum(out / SPECTRUM_STORE, spectrum, compressors=ctx.compressors)
+    else:
+        os.rename(stash, out / SPECTRUM_STORE)
+        shutil.rmtree(stash.parent, ignore_errors=True)
     plots.save(plots.spectrum_figure({m: v.tolist() for m, v in spectrum.values.items()}), out, "spectrum")
     n_exact = sum(s == "exact" for s in spectrum.solver.values())
     return StageOutput(metrics={"n_modules": len(spectrum.vectors), "n_exact": n_exact,
@@ -230,13 +272,17 @@ class SensitivityParams(CalibrationReader):
 
 
 def compute_sensitivity(p: SensitivityParams, ctx: RunContext, out: Path) -> StageOutput:
-    """``mean |W ⊙ ∇W L|`` per target module over the calibration samples, as ``scores.json``."""
-    model, _, _ = load_base(ctx, p.model)
+    """``mean |W ⊙ ∇W L|`` per target module over the calibration samples, as ``scores.json`` (per sample: one
+    decoder layer at a time; batched: the model loaded whole)."""
     calib = p.samples(load_calibration(ctx.open(p.calibration)))
-    targets = find_targets(model, p.targets)
     with stage_progress("sensitivity", "sensitivity", terminal=ctx.progress) as on_progress:
-        scores = score_sensitivity(model, calib.batches(p.batch_size or 1), targets, mode=p.mode, progress=False,
-                                   on_progress=on_progress)
+        if p.mode == "per_sample":
+            stream, _ = open_stream(ctx, p.model)
+            scores = stream_sensitivity(stream, calib.batches(1), p.targets, progress=False, on_progress=on_progress)
+        else:
+            model, _, _ = load_base(ctx, p.model)
+            scores = score_sensitivity(model, calib.batches(p.batch_size or 1), find_targets(model, p.targets),
+                                       mode=p.mode, progress=False, on_progress=on_progress)
     (out / "scores.json").write_text(scores.model_dump_json(indent=2))
     return StageOutput(metrics={"n_samples": scores.n_samples, "n_modules": len(scores.scores)})
 
@@ -278,6 +324,27 @@ def load_base(ctx: RunContext, model_ref: StageResult) -> tuple[PreTrainedModel,
     model, tokenizer = load_model(folder, dtype=DTYPES[info.dtype], device=ctx.device,
                                   trust_remote_code=info.trust_remote_code)
     return model, tokenizer, info
+
+
+def open_stream(ctx: RunContext, model_ref: StageResult) -> tuple[LayerStream, ModelInfo]:
+    """The model stage's folder as a :class:`LayerStream` (skeleton on meta, layers loaded one at a time) in its
+    dtype, on the run's device, and its recorded fingerprint."""
+    folder = ctx.open(model_ref)
+    info = ModelInfo.model_validate_json((folder / "fingerprint.json").read_text())
+    return LayerStream(folder, device=ctx.device, dtype=DTYPES[info.dtype]), info
+
+
+def model_skeleton(ctx: RunContext, model_ref: StageResult) -> PreTrainedModel:
+    """The model stage's model with its weights on the meta device: its modules and shapes, nothing loaded."""
+    return open_stream(ctx, model_ref)[0].model
+
+
+def work_dir(ctx: RunContext, stage: str, key: str, *, create: bool = True) -> Path:
+    """A folder under ``<root>/work`` that outlives a killed run of the stage with this key (its partial results)."""
+    folder = Path(ctx.root) / "work" / stage / key
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:

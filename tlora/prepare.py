@@ -127,6 +127,7 @@ def stream_covariance(
     precision: Precision = "float32",
     out: str | Path | None = None,
     max_sum_bytes: int | None = None,
+    compressors: Any = "default",
     model_fingerprint: str | None = None,
     data_fingerprint: str | None = None,
     progress: bool = True,
@@ -161,7 +162,7 @@ def stream_covariance(
     spec_targets = find_targets(model, targets, example_inputs={})  # names and shapes from the skeleton
     run = hashlib.sha256(json.dumps([model_fingerprint, data_fingerprint, targets, precision, r_max, solver,
                                      n_tokens, n_samples], default=str).encode()).hexdigest()
-    stores = _Stores(out, run, with_spectrum=r_max is not None)
+    stores = _Stores(out, run, with_spectrum=r_max is not None, compressors=compressors)
     done = stores.layers_done
     tgt: Targets | None = None
     sums: dict[str, torch.Tensor] = {}  # kept only without ``out``
@@ -391,8 +392,10 @@ class _Stores:
     the run it belongs to (a hash of its inputs) and how many layers are in it, written after the layer's arrays.
     """
 
-    def __init__(self, out: str | Path | None, run: str, *, with_spectrum: bool) -> None:
+    def __init__(self, out: str | Path | None, run: str, *, with_spectrum: bool, compressors: Any = "default"
+                 ) -> None:
         self.path = None if out is None else Path(out)
+        self.compressors = compressors
         self.layers_done = 0
         self.used: dict[str, str] = {}
         if self.path is None:
@@ -422,13 +425,13 @@ class _Stores:
         for name, s in sums.items():
             if name in self.cov:  # left by a run killed inside this layer
                 del self.cov[name]
-            write_matrix(self.cov, name, s)
+            write_matrix(self.cov, name, s, compressors=self.compressors)
         for module, (v, s, u) in spectra.items():
             assert self.spec is not None
             if module in self.spec:
                 del self.spec[module]
-            write_matrix(self.spec, f"{module}/vectors", v)
-            write_matrix(self.spec, f"{module}/values", s)
+            write_matrix(self.spec, f"{module}/vectors", v, compressors=self.compressors)
+            write_matrix(self.spec, f"{module}/values", s, compressors=self.compressors)
             self.used[module] = u
         self.cov.attrs["partial"] = {"run": self.run, "layers_done": layers_done, "solver": self.used}
 

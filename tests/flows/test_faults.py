@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+import zarr
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -46,9 +47,15 @@ def after(module, name):
         hang()
         return out
     setattr(module, name, patched)
-if STAGE == "covariance":
+if STAGE == "covariance-end":  # stop once the whole covariance is computed, before it is published
     import flows.prepare
-    after(flows.prepare, "save_covariance")
+    after(flows.prepare, "stream_covariance")
+elif STAGE == "covariance":  # stop once the first decoder layer's statistics are in the work folder
+    import flows.prepare
+    streamed = flows.prepare.stream_covariance
+    def stop_after_a_layer(*args, **kwargs):
+        return streamed(*args, on_layer=lambda i, what: hang(), **kwargs)
+    flows.prepare.stream_covariance = stop_after_a_layer
 elif STAGE == "merge":
     import flows.adapt
     after(flows.adapt, "merge_adapters")
@@ -119,12 +126,14 @@ def chain(prefect_server, tiny_sources, mlflow_template, tmp_path_factory):
     stages = home / "artifacts" / "stages"
     after_cov = kill_in(home, prefect_server, "covariance")
     cov_tmp = sorted(p.name for p in (stages / "covariance").iterdir())
+    cov_work = [zarr.open_group(str(p), mode="r").attrs.asdict()
+                for p in (home / "artifacts" / "work" / "covariance").glob("*/covariance.zarr")]
     after_train = kill_in(home, prefect_server, "train")
     checkpoints = sorted(p.name for p in (home / "artifacts" / "work" / "train").glob("*/checkpoint-*"))
     after_merge = kill_in(home, prefect_server, "merge")
     merge_tmp = sorted(p.name for p in (stages / "merge").iterdir())
     last = CliRunner().invoke(app, ["run", str(home / "tiny.yaml"), "--no-progress"], env={"COLUMNS": "200"})
-    return SimpleNamespace(home=home, cfg=cfg, stages=stages, after_cov=after_cov, cov_tmp=cov_tmp,
+    return SimpleNamespace(home=home, cfg=cfg, stages=stages, after_cov=after_cov, cov_tmp=cov_tmp, cov_work=cov_work,
                            after_train=after_train, checkpoints=checkpoints, after_merge=after_merge,
                            merge_tmp=merge_tmp, final=published(home), rc=last.exit_code, output=last.output,
                            client=MlflowClient(context(cfg).tracking_uri),
@@ -135,6 +144,8 @@ def test_a_kill_in_covariance_leaves_only_an_untrusted_temp_folder(chain):
     assert set(chain.after_cov) == {"model", "calibration"}  # finished before the kill, published
     assert len(chain.cov_tmp) == 1 and chain.cov_tmp[0].startswith(".tmp-")  # the partial covariance, unpublished
     assert any((chain.stages / ".locks").glob("covariance-*.lock"))  # the killed process held its lock
+    # the first decoder layer's sums, kept in the stage's work folder for the rerun to resume from
+    assert [(a["complete"], a["partial"]["layers_done"]) for a in chain.cov_work] == [(False, 1)]
 
 
 def test_reruns_reuse_every_finished_stage_untouched(chain):
@@ -162,6 +173,7 @@ def test_after_the_last_rerun_every_artifact_verifies_and_no_temp_is_left(chain)
         entries = [p.name for p in (chain.stages / stage).iterdir()]
         assert len(entries) == 1 and not entries[0].startswith("."), (stage, entries)
         assert verify_folder(chain.stages / stage / entries[0], stage=stage) is not None, stage
+    assert not list((chain.home / "artifacts" / "work" / "covariance").iterdir())  # resumed, published, cleared
 
 
 def test_runs_left_running_by_killed_processes_are_marked_killed(chain):
@@ -222,7 +234,7 @@ def test_a_full_disk_mid_run_exits_1_and_keeps_finished_stages(workspace, prefec
     def full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(flows.prepare, "save_covariance", full)
+    monkeypatch.setattr(flows.prepare, "stream_covariance", full)
     cfg = workspace()
     result = invoke(cfg, tmp_path / "tiny.yaml")
     assert result.exit_code == 1, result.output[-3000:]
@@ -262,7 +274,7 @@ def test_a_prefect_api_that_goes_away_mid_run_exits_1_and_keeps_artifacts(prefec
     host, port = prefect_server.split("//", 1)[1].split("/", 1)[0].split(":")
     with Proxy(host, int(port)) as proxy:
         api = prefect_server.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")
-        proc = start(tmp_path, api, "covariance", sleep=1, extra_env={"PREFECT_CLIENT_MAX_RETRIES": "0"})
+        proc = start(tmp_path, api, "covariance-end", sleep=1, extra_env={"PREFECT_CLIENT_MAX_RETRIES": "0"})
         try:
             wait_for_mark(proc, tmp_path)
         except BaseException:

@@ -17,7 +17,7 @@ from flows.config import PipelineConfig
 from flows.lineage import TAG_REUSED, walk
 from flows.pipeline import pipeline
 from flows.store import MANIFEST, verify_folder
-from tests.flows.conftest import tiny_config
+from tests.flows.conftest import context, tiny_config
 from tests.servers import mlflow_server, postgres_bin, postgres_server, s3_server
 from tlora.covariance import load_covariance
 
@@ -60,10 +60,11 @@ def test_artifacts_live_in_s3_with_their_manifests(team):
 
 
 def test_zarr_covariance_is_read_straight_from_s3(team):
-    cov_uri = next(s.uri for s in team.first.stages() if s.stage == "covariance")
-    cov = load_covariance(f"{cov_uri}/covariance.zarr")
-    local = team.home / "machine-a" / "cache" / "stages" / "covariance" / cov_uri.rsplit("/", 1)[1]
-    assert verify_folder(local) is not None  # the copy machine A verified after uploading
+    result = next(s for s in team.first.stages() if s.stage == "covariance")
+    cov = load_covariance(f"{result.uri}/covariance.zarr")
+    local = context(team.a).open(result)  # downloaded into machine A's cache
+    assert local == team.home / "machine-a" / "cache" / "stages" / "covariance" / result.key
+    assert verify_folder(local) is not None
     cached = load_covariance(local / "covariance.zarr")
     assert cov.modules == cached.modules and cov.n_tokens == cached.n_tokens
     for group, s in cov.sums.items():
