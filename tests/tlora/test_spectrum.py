@@ -433,7 +433,7 @@ def test_auto_takes_krylov_for_wide_modules(monkeypatch):
     w, s = krylov_problem(160, 120, massive=1e6)
     assert module_spectrum(w, s, 1, 6)[2] == "gram"  # narrower than KRYLOV_MIN_WIDTH
     monkeypatch.setattr(spectrum_module, "KRYLOV_MIN_WIDTH", 100)
-    monkeypatch.setattr(spectrum_module, "KRYLOV_MAX_STEPS", 5)  # its largest basis, 5·(6 + 16), fits in 120
+    monkeypatch.setattr(spectrum_module, "KRYLOV_MIN_BLOCKS", 5)  # 5 blocks of 6 + 16 columns fit in 120
     v, sv, used = module_spectrum(w, s, 1, 6)
     assert used == "krylov"
     check_against_oracle(w, s, 1, v, sv, 6, tol=1e-8)
