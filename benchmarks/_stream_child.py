@@ -67,7 +67,7 @@ def main() -> None:
     from tlora.adapters import AdapterInfo, save_adapters
     from tlora.covariance import load_covariance, save_covariance
     from tlora.models import load_model
-    from tlora.prepare import prepare, stream_covariance, stream_spectrum
+    from tlora.preparation import prepare, stream_covariance, stream_spectrum
     from tlora.sensitivity import Scores, stream_sensitivity
     from tlora.spectrum import load_spectrum, save_spectrum
     from tlora.stream import LayerStream
@@ -78,9 +78,9 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     extra: dict = {}
     if a.stage == "covariance":
-        import tlora.prepare
+        import tlora.preparation
 
-        solve, spent = tlora.prepare.module_spectrum, []
+        solve, spent = tlora.preparation.module_spectrum, []
 
         def timed_solve(*args, **kwargs):  # the spectra's share of the stage: they are computed layer by layer
             c = time.process_time()
@@ -88,7 +88,7 @@ def main() -> None:
             spent.append(time.process_time() - c)
             return out
 
-        tlora.prepare.module_spectrum = timed_solve
+        tlora.preparation.module_spectrum = timed_solve
         stream = LayerStream(a.folder)
         cov, spec = stream_covariance(stream, data, r_max=a.r_max, precision=a.precision, out=a.work / "stats",
                                       model_fingerprint="bench", progress=False)

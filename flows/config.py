@@ -63,7 +63,7 @@ class CovarianceConfig(Section):
 class SpectrumConfig(Section):
     r_max: int = Field(32, gt=0)
     """Singular vectors kept per module: computed once, sliced per budget (ranks above it are refused)."""
-    solver: Literal["auto", "exact", "gram"] = "auto"
+    solver: Literal["auto", "exact", "gram", "krylov"] = "auto"
 
 
 class SensitivityConfig(Section):

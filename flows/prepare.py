@@ -39,7 +39,7 @@ from tlora.data import (
     save_calibration,
 )
 from tlora.models import convert_gguf, demo_gguf_path, ensure_demo_model, load_model
-from tlora.prepare import COVARIANCE_STORE, SPECTRUM_STORE, default_dtype, stream_covariance, stream_spectrum
+from tlora.preparation import COVARIANCE_STORE, SPECTRUM_STORE, default_dtype, stream_covariance, stream_spectrum
 from tlora.sensitivity import Scores, score_sensitivity, stream_sensitivity
 from tlora.spectrum import load_spectrum, save_spectrum
 from tlora.stream import LayerStream
@@ -229,7 +229,7 @@ class SpectrumParams(StageParams):
     model: StageResult
     covariance: StageResult
     r_max: int
-    solver: Literal["auto", "exact", "gram"]
+    solver: Literal["auto", "exact", "gram", "krylov"]
 
     @classmethod
     def of(cls, cfg: PipelineConfig, model: StageResult, covariance: StageResult) -> SpectrumParams:

@@ -7,8 +7,10 @@ from tlora.covariance import Covariance, collect_covariance, load_covariance, me
 from tlora.evaluate import EvalResult, evaluate, heldout_loss, merge_adapters
 from tlora.methods import ABLATIONS, Method, build_adapter, plan_allocation
 from tlora.models import load_model, model_fingerprint
+from tlora.preparation import Prepared, prepare
 from tlora.sensitivity import Scores, score_sensitivity
 from tlora.spectrum import Spectrum, compute_spectrum, load_spectrum, save_spectrum
+from tlora.stream import LayerStream
 from tlora.targets import Target, Targets, find_targets
 from tlora.train import TrainResult, train
 
@@ -19,8 +21,10 @@ __all__ = [
     "Budget",
     "Covariance",
     "EvalResult",
+    "LayerStream",
     "Method",
     "ModuleAllocation",
+    "Prepared",
     "Scores",
     "Spectrum",
     "Target",
@@ -42,6 +46,7 @@ __all__ = [
     "merge_covariances",
     "model_fingerprint",
     "plan_allocation",
+    "prepare",
     "save_adapters",
     "save_covariance",
     "save_spectrum",

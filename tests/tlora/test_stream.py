@@ -1,4 +1,4 @@
-"""Layer-streamed preparation (tlora.stream, tlora.prepare) against the whole-model path, on tiny random models."""
+"""Layer-streamed preparation (tlora.stream, tlora.preparation) against the whole-model path, on tiny random models."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from tlora import allocate, collect_covariance, compute_spectrum, find_targets, 
 from tlora.adapters import AdapterInfo, save_adapters
 from tlora.covariance import load_covariance
 from tlora.models import model_fingerprint
-from tlora.prepare import prepare, stream_covariance, stream_spectrum
+from tlora.preparation import prepare, stream_covariance, stream_spectrum
 from tlora.sensitivity import stream_sensitivity
 from tlora.spectrum import load_spectrum
 from tlora.stream import LayerStream, ModelFolder
@@ -168,7 +168,7 @@ RESUME = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
     from conftest import collate, make_samples
-    from tlora.prepare import stream_covariance
+    from tlora.preparation import stream_covariance
     from tlora.stream import LayerStream
     torch.set_num_threads(1)
 
