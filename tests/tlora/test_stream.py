@@ -205,3 +205,21 @@ def test_killed_run_resumes_at_its_first_unfinished_layer(samples, batches, tmp_
         assert torch.equal(cov.sums[g], ref_cov.sums[g]), g  # bit-identical
     for name, v in ref_spec.vectors.items():
         assert torch.equal(spec.vectors[name], v), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_streamed_on_cuda_equals_whole_model_on_cpu(kind, tiny_model, samples, batches, tmp_path):
+    model = tiny_model(kind)
+    data = batches(samples(6, seed=9), 3, side="left")
+    targets = find_targets(model)
+    ref = collect_covariance(model, data, targets, progress=False)
+    ref_scores = score_sensitivity(model, data, targets, progress=False)
+    got = prepare(saved(model, tmp_path), data, r_max=6, device="cuda", dtype=torch.float32, progress=False)
+    for g, s in ref.sums.items():  # CUDA GEMMs (TF32 off) against CPU SYRK: float32 rounding apart
+        assert float((got.covariance.sums[g] - s).abs().max() / s.abs().max()) <= 1e-5, g
+    for name, v in compute_spectrum(model, ref, 6).vectors.items():
+        assert sine(got.spectrum.vectors[name], v) <= 1e-4, name
+    for name, s in ref_scores.scores.items():
+        assert abs(got.scores.scores[name] - s) <= 1e-3 * abs(s), name
