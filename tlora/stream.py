@@ -263,9 +263,14 @@ class LayerCall:
     keyword: bool  # hidden states passed as ``hidden_states=`` rather than first positional argument
 
     def __call__(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = layer(*self.args, hidden_states=hidden, **self.kwargs) if self.keyword else \
-            layer(hidden, *self.args, **self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        """The layer's output hidden states, on ``hidden``'s device (kept on the host when they do not fit the
+        device: each batch goes over and back as the layer runs)."""
+        device = next(layer.parameters()).device
+        x = hidden.to(device)
+        out = layer(*self.args, hidden_states=x, **self.kwargs) if self.keyword else \
+            layer(x, *self.args, **self.kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.to(hidden.device)
 
 
 class _Stop(Exception):

@@ -223,3 +223,7 @@ def test_streamed_on_cuda_equals_whole_model_on_cpu(kind, tiny_model, samples, b
         assert sine(got.spectrum.vectors[name], v) <= 1e-4, name
     for name, s in ref_scores.scores.items():
         assert abs(got.scores.scores[name] - s) <= 1e-3 * abs(s), name
+    spilled, _ = stream_covariance(LayerStream(tmp_path / "model", device="cuda"), data, hidden_device="cpu",
+                                   progress=False)  # hidden states on the host between layers: the same sums
+    for g, s in got.covariance.sums.items():
+        assert torch.equal(spilled.sums[g], s), g
