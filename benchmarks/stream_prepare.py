@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine_line, publish
+from _stream_capacity import GIB, MODELS, contract, time_s
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -170,6 +171,14 @@ def report(raw: dict) -> str:
                   f"solvers {c['solvers']}; at most {c['peak_resident']} decoder layer held real weights. "
                   "`fingerprint` is the model stage's hash of every weight in the compute dtype. `allocation` and "
                   "`init` read shapes from the skeleton (no weights).", ""]
+        cpu = contract(MODELS["LLaMA-2-7B"], tokens=1024, batch_tokens=512, weight_bytes=4, cpu=True)
+        base = r["covariance"]["base_mb"] / 1024
+        lines += [f"The memory contract (`_stream_capacity.py`) predicts "
+                  f"{cpu['peak'] / GIB + base:.2f} GB for this run "
+                  f"({cpu['peak'] / GIB:.2f} GB of terms + {base:.2f} GB of imports); measured "
+                  f"{r['covariance']['peak_mb'] / 1024:.2f} GB (covariance) and "
+                  f"{r['sensitivity']['peak_mb'] / 1024:.2f} GB (sensitivity).", ""]
+    lines += capacity_lines()
     if "depth" in raw:
         d = raw["depth"]
         depths = sorted(d, key=int)
@@ -200,6 +209,27 @@ def report(raw: dict) -> str:
         lines += ["", "Targets: covariance within 1e-12 (float64) and 1e-5 (float32); every A prefix within sin θ ≤ "
                   "1e-4; scores within 1e-4; peak RSS ≤ 0.35× and time ≤ 1.15× the whole-model path.", ""]
     return "\n".join(lines)
+
+
+def capacity_lines() -> list[str]:
+    """Predicted peak GPU memory and time on one H100 (bf16 weights) from the memory contract and FLOP counts."""
+    lines = ["### Predicted on one GPU (bf16 weights, r_max 32; from `_stream_capacity.py`, not measured)", "",
+             "256 calibration samples. Hidden states stay on the GPU; the sensitivity's stored layer inputs go to "
+             "the host where they would not fit (`input_device='cpu'`); sums are split by group "
+             "(`max_sum_bytes`) for 70B. Times assume the rates in `_stream_capacity.H100` (±2×).", "",
+             "| model | tokens/sample | covariance peak GiB | sensitivity peak GiB (inputs on host) | host RAM for "
+             "inputs GiB | covariance s | spectrum s | sensitivity s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, model in MODELS.items():
+        for length in (512, 2048):
+            tokens = 256 * length
+            c = contract(model, tokens=tokens, batch_tokens=4 * length, weight_bytes=2, sum_split="70B" in name)
+            cov = sum(c["covariance"].values()) / GIB
+            sens_terms = dict(c["sensitivity"])
+            host = sens_terms.pop("stored layer inputs") / GIB
+            tm = time_s(model, tokens=tokens)
+            lines.append(f"| {name} | {length} | {cov:.1f} | {sum(sens_terms.values()) / GIB:.1f} | {host:.0f} | "
+                         f"{tm['covariance']:.0f} | {tm['spectrum']:.0f} | {tm['sensitivity']:.0f} |")
+    return [*lines, ""]
 
 
 def main() -> None:
