@@ -188,6 +188,7 @@ def stream_covariance(
                                                      dtype, max_sum_bytes)
                     spectra = _spectra(layer, f"{stream.prefix}.{i}.", groups, layer_sums, n_samples, r_max, solver)
                     _keep(stores, names, layer_sums, spectra, sums, vectors, values, used, i + 1)
+                    del layer_sums, spectra  # else they live on while the next layer's sums build (measured: +1.4 GB)
                     event = "computed"
             if on_layer is not None:
                 on_layer(i, event)
