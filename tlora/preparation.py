@@ -76,6 +76,7 @@ def prepare(
     dtype: torch.dtype | None = None,
     out: str | Path | None = None,
     max_sum_bytes: int | None = None,
+    max_memory: int | None = None,
     model_fingerprint: str | None = None,
     data_fingerprint: str | None = None,
     progress: bool = True,
@@ -92,6 +93,9 @@ def prepare(
             Without it, everything is kept in memory.
         max_sum_bytes: with a streamed model, the most bytes of float64 sums (and their float32 scratch) held at
             once; a layer whose groups exceed it runs once per batch of groups. ``None``: no limit.
+        max_memory: with a streamed model, bytes the model's weights may take on the device: where all its decoder
+            layers fit, they stay resident once loaded (the sensitivity then reads each layer once, not twice per
+            chunk). ``None``: one layer at a time.
         model_fingerprint: recorded on the artifacts; computed from the weights when ``None``.
     """
     batches = list(batches)
@@ -105,6 +109,8 @@ def prepare(
         return Prepared(cov, spec, scores)
     stream = source if isinstance(source, LayerStream) else LayerStream(
         source, device=device, dtype=dtype or default_dtype(device))
+    if max_memory is not None and stream.weight_bytes() <= max_memory:
+        stream.max_resident = len(stream.layers)
     cov, spec = stream_covariance(stream, batches, targets, r_max=r_max, solver=solver, precision=precision,
                                   out=out, max_sum_bytes=max_sum_bytes, model_fingerprint=model_fingerprint,
                                   data_fingerprint=data_fingerprint, progress=progress)

@@ -235,6 +235,11 @@ class LayerStream:
         for name, t in tensors.items():
             set_module_tensor_to_device(self.model, name, self.device, value=t)
 
+    def weight_bytes(self) -> int:
+        """Bytes of every parameter of the model in the compute dtype (floats) or its own (others)."""
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        return sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in self.model.parameters())
+
     def fingerprint(self) -> str:
         """:func:`tlora.models.model_fingerprint` of the model loaded whole in this dtype, one tensor at a time."""
         tied = getattr(self.model, "all_tied_weights_keys", None) or {}

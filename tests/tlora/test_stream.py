@@ -98,6 +98,21 @@ def test_at_most_one_layer_materialised(tiny_model, samples, batches, tmp_path):
     assert max(counts) == 1 and stream.materialised_layers() == 0
 
 
+def test_sums_split_by_group_and_resident_layers_give_the_same_numbers(tiny_model, samples, batches, tmp_path):
+    model = tiny_model("llama")
+    folder = saved(model, tmp_path)
+    data = batches(samples(5, seed=4), 2)
+    ref = prepare(folder, data, r_max=4, progress=False)
+    one_group = 32 * 32 * 12  # the bytes of one [32, 32] sum and its float32 scratch: one group per pass
+    split, _ = stream_covariance(LayerStream(folder), data, max_sum_bytes=one_group, progress=False)
+    for g, s in ref.covariance.sums.items():
+        assert torch.equal(split.sums[g], s), g
+    stream = LayerStream(folder)
+    resident = prepare(stream, data, r_max=4, max_memory=stream.weight_bytes(), progress=False)
+    assert stream.loads == 2  # each layer read once for covariance and sensitivity together
+    assert resident.scores == ref.scores
+
+
 def test_prepare_streams_a_folder_or_takes_a_model(tiny_model, samples, batches, tmp_path):
     model = tiny_model("llama")
     data = batches(samples(4, seed=6), 2)
