@@ -155,6 +155,7 @@ def stream_covariance(
     _check_batches(batches)
     if r_max is not None and r_max < 1:
         raise ValueError(f"r_max must be >= 1, got {r_max}")
+    spec_targets = find_targets(stream.model, targets, example_inputs={})  # names and shapes from the skeleton
     if model_fingerprint is None:
         model_fingerprint = stream.fingerprint()
     dtype = torch.float64 if precision == "float64" else torch.float32
@@ -168,7 +169,6 @@ def stream_covariance(
         h, c = capture(model, layers, x)
         hidden.append(h if hidden_device is None else h.to(hidden_device))
         calls.append(c)
-    spec_targets = find_targets(model, targets, example_inputs={})  # names and shapes from the skeleton
     run = hashlib.sha256(json.dumps([model_fingerprint, data_fingerprint, targets, precision, r_max, solver,
                                      n_tokens, n_samples], default=str).encode()).hexdigest()
     stores = _Stores(out, run, with_spectrum=r_max is not None, compressors=compressors)
