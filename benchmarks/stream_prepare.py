@@ -271,14 +271,17 @@ def main() -> None:
         raw = json.loads(RAW.read_text())
         publish(HEADING, report(raw))
         return
-    raw = json.loads(RAW.read_text()) if RAW.is_file() else {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    done = {}
     for section, run in (("llama7b", run_llama7b), ("depth", run_depth), ("smollm2", run_smollm2)):
         if getattr(a, section) or a.all:
             t0 = time.perf_counter()
-            raw[section] = run(a.threads)
-            raw.setdefault("meta", {})[section] = {"commit": commit.stdout.strip(), "command": command,
-                                                   "wall_s": time.perf_counter() - t0, "threads": a.threads}
+            done[section] = run(a.threads)
+            done.setdefault("meta", {})[section] = {"commit": commit.stdout.strip(), "command": command,
+                                                    "wall_s": time.perf_counter() - t0, "threads": a.threads}
+    raw = json.loads(RAW.read_text()) if RAW.is_file() else {}  # read last: another run may have written meanwhile
+    meta = raw.get("meta", {}) | done.pop("meta", {})
+    raw = raw | done | {"meta": meta}
     publish(HEADING, report(raw), raw=raw, raw_path=RAW)
 
 
