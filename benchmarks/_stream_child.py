@@ -66,7 +66,6 @@ def main() -> None:
     from tlora import allocate, collect_covariance, compute_spectrum, find_targets, init_adapters, score_sensitivity
     from tlora.adapters import AdapterInfo, save_adapters
     from tlora.covariance import load_covariance, save_covariance
-    from tlora.models import load_model
     from tlora.preparation import prepare, stream_covariance, stream_spectrum
     from tlora.sensitivity import Scores, stream_sensitivity
     from tlora.spectrum import load_spectrum, save_spectrum
@@ -115,7 +114,9 @@ def main() -> None:
     elif a.stage == "fingerprint":
         extra = {"fingerprint": LayerStream(a.folder).fingerprint()}
     elif a.stage == "whole":
-        model, _ = load_model(a.folder)
+        from transformers import AutoModelForCausalLM  # as load_model does, without a tokenizer to need
+
+        model = AutoModelForCausalLM.from_pretrained(a.folder, dtype=torch.float32, use_safetensors=True).eval()
         targets = find_targets(model, "all-linear")
         cov = collect_covariance(model, data, targets, precision=a.precision, model_fingerprint="bench",
                                  progress=False)
