@@ -30,12 +30,15 @@ def batches(folder: Path, n: int, length: int, batch: int) -> list[dict]:
     if (folder / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        from tlora.data import TaskSpec, build_calibration, load_task
+        from tlora.data import TaskSpec, build_calibration, fitting_rows, load_task, sample_calibration
 
         tok = AutoTokenizer.from_pretrained(folder)
         tok.pad_token = tok.pad_token or tok.eos_token
-        calib = build_calibration(load_task(TaskSpec(name="stdlib-code"))["train"], tok, task="stdlib-code",
-                                  n_calib=n, seed=0, max_length=length)
+        train = load_task(TaskSpec(name="stdlib-code"))["train"]
+        usable = fitting_rows(train, tok, length)  # as the calibration stage: rows whose prompt leaves a target
+        indices = [usable[i] for i in sample_calibration(train.select(usable), n, 0)]
+        calib = build_calibration(train, tok, task="stdlib-code", n_calib=n, seed=0, max_length=length,
+                                  indices=indices)
         return calib.batches(batch)
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
