@@ -213,17 +213,19 @@ def report(raw: dict) -> str:
                   "16 stdlib-code samples ≤ 128 tokens, r_max 32; covariance, spectrum and sensitivity in one process "
                   "each, the two paths alternating; ratios are streamed / whole per pair of runs, median (min–max).",
                   "", "| precision | runs | streamed s | whole s | time ratio | streamed peak MB | whole peak MB | "
-                  "RSS ratio | cov rel. err | worst prefix sin θ | score rel. err |", "|---|" + "---:|" * 10]
+                  "RSS ratio | ratio of RSS growth over imports | cov rel. err | worst prefix sin θ | score rel. err |",
+                  "|---|" + "---:|" * 11]
         for p, r in s.items():
             if p == "end_to_end":
                 continue
             c, st, wh = r["check"], r["streamed"], r["whole"]
             tr = [a["wall_s"] / b["wall_s"] for a, b in zip(st, wh, strict=True)]
             mr = [a["peak_mb"] / b["peak_mb"] for a, b in zip(st, wh, strict=True)]
+            gr = [(a["peak_mb"] - a["base_mb"]) / (b["peak_mb"] - b["base_mb"]) for a, b in zip(st, wh, strict=True)]
             lines.append(f"| {p} | {len(st)} | {spread([x['wall_s'] for x in st])} | "
                          f"{spread([x['wall_s'] for x in wh])} | {spread(tr)} | "
                          f"{spread([x['peak_mb'] for x in st])} | {spread([x['peak_mb'] for x in wh])} | "
-                         f"{spread(mr)} | {c['cov_rel']:.1e} | {c['sine']:.1e} | {c['score_rel']:.1e} |")
+                         f"{spread(mr)} | {spread(gr)} | {c['cov_rel']:.1e} | {c['sine']:.1e} | {c['score_rel']:.1e} |")
         lines += ["", "Targets: covariance within 1e-12 (float64) and 1e-5 (float32); every A prefix within sin θ ≤ "
                   "1e-4; scores within 1e-4; peak RSS ≤ 0.35× and time ≤ 1.15× the whole-model path (met only where "
                   "the whole min–max is inside).", ""]
