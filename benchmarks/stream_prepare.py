@@ -176,12 +176,13 @@ def report(raw: dict) -> str:
                   "8 samples × 128 tokens, r_max 32, all-linear (224 modules). Target: peak RSS ≤ 6 GB.", "",
                   "| stage | wall s | CPU s | peak RSS GB |", "|---|---:|---:|---:|"]
         lines += [f"| {s} | {r[s]['wall_s']:.1f} | {r[s]['cpu_s']:.1f} | {r[s]['peak_mb'] / 1024:.2f} |"
-                  for s in STAGES_7B]
-        worst = max(r[s]["peak_mb"] for s in STAGES_7B) / 1024
+                  if s in r else f"| {s} | not measured | | |" for s in STAGES_7B]
+        worst = max(r[s]["peak_mb"] for s in STAGES_7B if s in r) / 1024
         c = r["covariance"]
         lines += ["", f"Largest peak: {worst:.2f} GB ({'met' if worst <= 6 else 'missed'}). `covariance` computes "
-                  f"each layer's spectra (r_max 32) as its sums complete: {c['spectrum_cpu_s']:.0f} s of its CPU time; "
-                  f"solvers {c['solvers']}; at most {c['peak_resident']} decoder layer held real weights. "
+                  f"each layer's spectra (r_max 32) as its sums complete: {c.get('spectrum_cpu_s', float('nan')):.0f} "
+                  f"s of its CPU time; solvers {c.get('solvers')}; at most {c.get('peak_resident')} decoder layer "
+                  "held real weights. "
                   "`fingerprint` is the model stage's hash of every weight in the compute dtype. `allocation` and "
                   "`init` read shapes from the skeleton (no weights).", ""]
         cpu = contract(MODELS["LLaMA-2-7B"], tokens=1024, batch_tokens=512, weight_bytes=4, cpu=True)
@@ -190,7 +191,8 @@ def report(raw: dict) -> str:
                   f"{cpu['peak'] / GIB + base:.2f} GB for this run "
                   f"({cpu['peak'] / GIB:.2f} GB of terms + {base:.2f} GB of imports); measured "
                   f"{r['covariance']['peak_mb'] / 1024:.2f} GB (covariance) and "
-                  f"{r['sensitivity']['peak_mb'] / 1024:.2f} GB (sensitivity).", ""]
+                  + (f"{r['sensitivity']['peak_mb'] / 1024:.2f} GB (sensitivity)." if "sensitivity" in r else
+                     "(sensitivity not measured).") + r.get("note", ""), ""]
     lines += capacity_lines()
     if "depth" in raw:
         d = raw["depth"]
