@@ -152,8 +152,9 @@ def compare(streamed: Path, whole: Path) -> dict:
     worst = 0.0
     for name, v in sb.vectors.items():
         x, y = sa.vectors[name].numpy(), v.numpy()
-        for k in range(1, len(y) + 1):
-            worst = max(worst, float(np.linalg.norm(x[:k].T @ x[:k] - y[:k].T @ y[:k], 2)))
+        for k in range(1, len(y) + 1):  # sin θ_max = sqrt(1 − σ_min(X_k Y_kᵀ)²) for orthonormal rows: k × k only
+            s_min = float(np.linalg.svd(x[:k] @ y[:k].T, compute_uv=False)[-1])
+            worst = max(worst, float(np.sqrt(max(0.0, 1.0 - min(1.0, s_min) ** 2))))
     ka = json.loads((streamed / "scores.json").read_text())["scores"]
     kb = json.loads((whole / "scores.json").read_text())["scores"]
     return {"cov_rel": cov, "sine": worst, "score_rel": max(abs(ka[k] - v) / abs(v) for k, v in kb.items()),
@@ -223,7 +224,8 @@ def report(raw: dict) -> str:
             c, st, wh = r["check"], r["streamed"], r["whole"]
             tr = [a["wall_s"] / b["wall_s"] for a, b in zip(st, wh, strict=True)]
             mr = [a["peak_mb"] / b["peak_mb"] for a, b in zip(st, wh, strict=True)]
-            gr = [(a["peak_mb"] - a["base_mb"]) / (b["peak_mb"] - b["base_mb"]) for a, b in zip(st, wh, strict=True)]
+            gr = [(a["peak_mb"] - a["base_mb"]) / (b["peak_mb"] - b["base_mb"]) for a, b in zip(st, wh, strict=True)
+                  if "base_mb" in a and "base_mb" in b] or [float("nan")]
             lines.append(f"| {p} | {len(st)} | {spread([x['wall_s'] for x in st])} | "
                          f"{spread([x['wall_s'] for x in wh])} | {spread(tr)} | "
                          f"{spread([x['peak_mb'] for x in st])} | {spread([x['peak_mb'] for x in wh])} | "
