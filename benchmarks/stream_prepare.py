@@ -117,9 +117,9 @@ def run_depth(threads: int, depths=(4, 8, 16, 32)) -> dict:
 def run_smollm2(threads: int, repeats: int = 3) -> dict:
     """Streamed and whole-model path alternately, ``repeats`` fresh processes each in the default precision (ratios
     as median and min–max over the pairs), once each in float64 (equality only)."""
-    from tlora.models import ensure_demo_model
+    from tlora.models import DEMO_DIR, ensure_demo_model
 
-    folder = ROOT / ensure_demo_model()
+    folder = ensure_demo_model(ROOT / DEMO_DIR)  # not relative to the working directory
     out: dict = {}
     for precision, n in (("float32", repeats), ("float64", 1)):
         runs: dict = {"streamed": [], "whole": []}
