@@ -288,6 +288,7 @@ def main() -> None:
     raw = json.loads(RAW.read_text()) if RAW.is_file() else {}  # read last: another run may have written meanwhile
     meta = raw.get("meta", {}) | done.pop("meta", {})
     raw = raw | done | {"meta": meta}
+    raw["commit"] = ", ".join(f"{m['commit']} ({s})" for s, m in meta.items())  # each section's own, in meta
     publish(HEADING, report(raw), raw=raw, raw_path=RAW)
 
 
