@@ -34,7 +34,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from tlora.models import fingerprint_tensors
+from tlora.models import _LOADING, fingerprint_tensors
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,9 @@ class LayerStream:
         self.device = torch.device(device)
         self.dtype = dtype
         self.max_resident = max_resident
-        with init_empty_weights(include_buffers=False):
+        # init_empty_weights patches nn.Module for the whole process while it is open: under the loading lock, so a
+        # model another thread builds meanwhile (shards, Prefect tasks) never gets meta parameters
+        with _LOADING, init_empty_weights(include_buffers=False):
             cls = model_class(self.folder.config)
             build = cls._from_config if issubclass(cls, PreTrainedModel) else cls.from_config
             self.model = build(self.folder.config, dtype=dtype)
